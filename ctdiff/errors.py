@@ -1,0 +1,17 @@
+"""Errors a user's data or settings can cause; each carries a reason fit for a manifest."""
+
+
+class CaseError(ValueError):
+    """A case cannot be ingested: corrupt, incomplete or unsupported input.
+
+    `reason` is short, human and free of patient data (it ends up in the manifest, logs and
+    Prefect artifacts), e.g. "corrupt zip", "no thin series", "missing slice at z=-120.0 mm".
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConfigError(ValueError):
+    """A config key has a wrong value or type, or names a path that does not exist."""
