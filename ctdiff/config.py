@@ -1,0 +1,157 @@
+"""Typed configuration: YAML files plus `dotted.key=value` overrides, validated once at the edge.
+
+Every section forbids unknown keys, so a typo is an error rather than a silently ignored
+setting. Relative paths are resolved against the working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ctdiff.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Section):
+    input: Path = Path("data/cases")  # folder of cases: <category>/<case>.zip or folders
+    store: Path = Path("data/store.zarr")  # the case store (one per preprocessing config)
+    work: Path = Path("data/work")  # checkpoints, latents, reports
+
+
+class WindowConfig(_Section):
+    center_hu: float = 40.0
+    width_hu: float = Field(400.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pair(cls, value: Any) -> Any:
+        # Accept the compact form `window: [center, width]` used on the command line.
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2:
+                raise ValueError("window must be [center_hu, width_hu]")
+            return {"center_hu": value[0], "width_hu": value[1]}
+        return value
+
+    def as_pair(self) -> list[float]:
+        return [self.center_hu, self.width_hu]
+
+
+class SplitConfig(_Section):
+    train: float = Field(0.8, ge=0)
+    val: float = Field(0.1, ge=0)
+    test: float = Field(0.1, ge=0)
+    seed: int = 0  # changes which cases land in which split, deterministically
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split ratios must sum to 1, got {total:g}")
+        return self
+
+
+class DaskConfig(_Section):
+    address: str | None = None  # an existing scheduler (tcp://host:8786); null starts a LocalCluster
+    n_workers: int = Field(2, ge=1)  # LocalCluster size; each worker decodes one case at a time
+    memory_limit: str = "4GiB"  # per LocalCluster worker; a case needs ~3x its raw HU size
+
+
+class PreprocessConfig(_Section):
+    resolution: int | None = Field(256, ge=8)  # in-plane pixels after resize; null keeps the native grid
+    window: WindowConfig = WindowConfig()  # applied on read, never baked into the store
+    chunk_slices: int = Field(8, ge=1)  # Zarr chunk depth: small enough for random depth windows
+    compression_level: int = Field(3, ge=1, le=9)  # Blosc zstd level; 3 is near the size knee
+    retries: int = Field(2, ge=0)  # for transient I/O errors only; bad data is quarantined at once
+    retry_delay_s: float = Field(2.0, ge=0)
+    split: SplitConfig = SplitConfig()
+    dask: DaskConfig = DaskConfig()
+
+
+class SynthConfig(_Section):
+    n_cases: int = Field(6, ge=1)
+    size: int = Field(64, ge=16)  # in-plane pixels
+    n_thin: int = Field(60, ge=5)  # thin slices over the thick series' extent
+    thin_mm: float = Field(1.0, gt=0)
+    thick_mm: float = Field(5.0, gt=0)
+    categories: list[str] = ["APE", "non-APE"]
+    seed: int = 0
+    compression: Literal["none", "deflate", "rle", "jpeg2000"] = "none"
+
+
+class Config(_Section):
+    paths: PathsConfig = PathsConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    synth: SynthConfig = SynthConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML: null, numbers, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return [part.strip() for part in key.strip().split(".")], value
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys[: i + 1])}: is a value, cannot set {'.'.join(keys)}")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{key}: unknown config key in {source}; check its spelling (see config/default.yaml)"
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {first['msg']}{got_text}; fix it in {source} or with --set {key}=..."
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate; raise ConfigError."""
+    tree: dict = {}
+    source = "the defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config: {path} is not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of sections")
+        source = str(path)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(tree, keys, value)
+    if overrides:
+        source += " / --set"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def require_input(config: Config) -> Path:
+    """The input folder, or a ConfigError naming paths.input."""
+    folder = Path(config.paths.input)
+    if not folder.is_dir():
+        raise ConfigError(f"paths.input: no such folder {folder}; set it with --set paths.input=DIR")
+    return folder

@@ -1,0 +1,201 @@
+"""Per-case preprocessing: decode DICOM → align → resize in-plane → case store.
+
+The array steps (`align`, `resize_inplane`) are pure `Volume -> Volume` functions; the case
+steps (`decode_case`, `resize_case`) add loading, cache keys and saving. Each case step is
+keyed by what determines its output, so a re-run with nothing changed does nothing, and a new
+resolution re-runs only the resize from the decoded native arrays.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ctdiff import dicom
+from ctdiff.cases import CaseRef
+from ctdiff.errors import CaseError
+from ctdiff.fingerprint import code_version, file_digest, settings_digest
+from ctdiff.store import CaseStore
+from ctdiff.volume import Volume
+
+_RESIZE_BATCH_SLICES = 16  # bounds the float32 working copy during resize
+
+
+def align(thick: Volume, thin: Volume) -> tuple[Volume, Volume]:
+    """Crop the thin volume to the z-extent the thick slabs cover; positions are kept.
+
+    Thick slice k at z_k stands for the slab [z_k - dz/2, z_k + dz/2), dz being the thick
+    spacing, so the thin slices kept are those with centres in [z_0 - dz/2, z_last + dz/2).
+    """
+    dz_thick = thick.spacing_mm[0]
+    dz_thin = thin.spacing_mm[0]
+    tolerance_mm = 0.01 * dz_thin
+    low = thick.z_mm[0] - dz_thick / 2 - tolerance_mm
+    high = thick.z_mm[-1] + dz_thick / 2 - tolerance_mm
+    if thin.z_mm[0] > low + dz_thin or thin.z_mm[-1] < high - dz_thin:
+        raise CaseError(
+            f"thin series (z {thin.z_mm[0]:.1f}..{thin.z_mm[-1]:.1f} mm) does not cover the thick "
+            f"one (z {low:.1f}..{high:.1f} mm)"
+        )
+    keep = np.flatnonzero((thin.z_mm >= low) & (thin.z_mm < high))
+    return thick, _take_slices(thin, keep[0], keep[-1] + 1)
+
+
+def _take_slices(volume: Volume, start: int, stop: int) -> Volume:
+    normal = np.cross(volume.orientation[:3], volume.orientation[3:])
+    origin = np.asarray(volume.origin_mm) + normal * (volume.z_mm[start] - volume.z_mm[0])
+    return replace(
+        volume,
+        hu=np.ascontiguousarray(volume.hu[start:stop]),
+        z_mm=volume.z_mm[start:stop].copy(),
+        origin_mm=tuple(float(c) for c in origin),
+    )
+
+
+def resize_inplane(volume: Volume, resolution: int | None) -> Volume:
+    """Resample each slice to resolution × resolution pixels (antialiased bilinear).
+
+    HU are rounded back to int16, so the stored volume is exact for the resized grid. The
+    field of view is kept: pixel spacing grows by the size ratio, and the origin moves by half
+    a pixel's change because DICOM positions refer to pixel centres.
+    """
+    depth, height, width = volume.shape
+    if resolution is None or (height, width) == (resolution, resolution):
+        return volume
+    out = np.empty((depth, resolution, resolution), dtype=np.int16)
+    for start in range(0, depth, _RESIZE_BATCH_SLICES):
+        batch = torch.from_numpy(volume.hu[start : start + _RESIZE_BATCH_SLICES].astype(np.float32))
+        resized = F.interpolate(
+            batch[:, None], size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
+        )[:, 0]  # (B, resolution, resolution)
+        out[start : start + len(batch)] = resized.round_().clamp_(-32768, 32767).numpy().astype(np.int16)
+    dz, dy, dx = volume.spacing_mm
+    new_dy, new_dx = dy * height / resolution, dx * width / resolution
+    row_dir = np.asarray(volume.orientation[:3])
+    col_dir = np.asarray(volume.orientation[3:])
+    # The first pixel centre moves from 0.5 old pixels to 0.5 new pixels from the image edge.
+    origin = np.asarray(volume.origin_mm) + row_dir * (new_dx - dx) / 2 + col_dir * (new_dy - dy) / 2
+    return replace(volume, hu=out, spacing_mm=(dz, new_dy, new_dx), origin_mm=tuple(float(c) for c in origin))
+
+
+# -- cache keys --------------------------------------------------------------------------------
+
+@lru_cache(maxsize=4096)
+def _digest_cached(path: str, size: int, mtime_ns: int) -> str:
+    return file_digest(path)
+
+
+def case_digest(path: str | Path) -> str:
+    """Content hash of a case file, memoised per (path, size, mtime) within a process."""
+    path = Path(path)
+    stat = path.stat()
+    return _digest_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def decode_key(ref: CaseRef) -> str:
+    """Key of the native arrays: the case file's content and the code that decodes it."""
+    return settings_digest("decode", case_digest(ref.path), _decode_code_version())
+
+
+def resize_key(native_key: str, resolution: int | None, chunk_slices: int, level: int) -> str:
+    return settings_digest("resize", native_key, resolution, chunk_slices, level, _resize_code_version())
+
+
+@lru_cache(maxsize=1)
+def _decode_code_version() -> str:
+    from ctdiff import archive
+
+    return code_version(archive, dicom, sys.modules[__name__])
+
+
+@lru_cache(maxsize=1)
+def _resize_code_version() -> str:
+    from ctdiff import store
+
+    return code_version(store, sys.modules[__name__])
+
+
+# -- case steps --------------------------------------------------------------------------------
+
+
+def decode_case(
+    ref: CaseRef, store: CaseStore, chunk_slices: int = 8, level: int = 3
+) -> dict:
+    """Read and align a case's DICOM into `native/<id>`; bad data is quarantined, not raised.
+
+    Returns a small summary: id, status ("ok" | "quarantined"), reason, cached, seconds and
+    native_key. Transient I/O errors (OSError) propagate so the caller can retry them.
+    """
+    start = time.perf_counter()
+    key = decode_key(ref)
+    summary = {"id": ref.id, "native_key": key, "cached": True, "status": "ok", "reason": None}
+    if store.native_key(ref.id) == key:
+        return {**summary, "seconds": 0.0}
+    if store.case_key(ref.id) == _quarantine_key(key):
+        entry = store.entry(ref.id) or {}
+        return {**summary, "status": "quarantined", "reason": entry.get("reason"), "seconds": 0.0}
+    try:
+        pair = dicom.read_case(Path(ref.path))
+        thick, thin = align(pair.thick, pair.thin)
+    except CaseError as error:
+        quarantine_case(store, ref, error.reason, key=_quarantine_key(key))
+        return {**summary, "cached": False, "status": "quarantined", "reason": error.reason,
+                "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    store.write_native(
+        ref.id, {"thick": thick, "thin": thin}, key,
+        {"decode_seconds": seconds, "n_files": pair.n_files, "n_ignored": pair.n_ignored},
+        chunk_slices, level,
+    )
+    return {**summary, "cached": False, "seconds": time.perf_counter() - start}
+
+
+def resize_case(
+    ref: CaseRef, store: CaseStore, resolution: int | None, chunk_slices: int = 8, level: int = 3
+) -> dict:
+    """Resize a decoded case to the configured grid into `cases/<id>`, with its manifest entry."""
+    start = time.perf_counter()
+    native_key = store.native_key(ref.id)
+    if native_key is None:
+        raise RuntimeError(f"case {ref.id} has not been decoded into {store.path}")
+    key = resize_key(native_key, resolution, chunk_slices, level)
+    if store.case_key(ref.id) == key:
+        return {**store.entry(ref.id), "cached": True}
+    native = {kind: store.read_native(ref.id, kind) for kind in ("thick", "thin")}
+    resized = {kind: resize_inplane(volume, resolution) for kind, volume in native.items()}
+    is_identity = all(resized[k] is native[k] for k in resized)
+    entry = {
+        "id": ref.id,
+        "status": "ok",
+        "reason": None,
+        "category": ref.category,
+        "n_thick": resized["thick"].shape[0],
+        "n_thin": resized["thin"].shape[0],
+        "shape_hw": list(resized["thin"].shape[1:]),
+        "spacing_thick_mm": list(resized["thick"].spacing_mm),
+        "spacing_thin_mm": list(resized["thin"].spacing_mm),
+        "source_digest": case_digest(ref.path),
+    }
+    decode_seconds = store.native_attrs(ref.id).get("decode_seconds", 0.0)
+    entry["seconds"] = round(decode_seconds + time.perf_counter() - start, 3)
+    store.write_case(ref.id, {} if is_identity else resized, key, entry, chunk_slices, level)
+    return {**entry, "cached": False}
+
+
+def _quarantine_key(native_key: str) -> str:
+    return f"quarantine-{native_key}"
+
+
+def quarantine_case(store: CaseStore, ref: CaseRef, reason: str, key: str | None = None) -> dict:
+    """Record a case that could not be ingested, with its reason; `key=None` retries next run."""
+    entry = {"id": ref.id, "status": "quarantined", "reason": reason, "category": ref.category,
+             "n_thick": 0, "n_thin": 0}
+    store.write_case(ref.id, {}, key or "", entry, chunk_slices=1, level=1)
+    return entry

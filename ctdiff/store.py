@@ -1,0 +1,190 @@
+"""The case store: preprocessed CT cases in one Zarr v3 hierarchy (SPEC §3).
+
+Layout::
+
+    <store>/zarr.json            root group; attrs: format, splits
+    <store>/native/<id>/         decoded DICOM on its native grid (arrays thick, thin)
+    <store>/cases/<id>/          the case at the configured resolution, and its manifest entry
+    <store>/.staging/            cases being written; renamed into place when complete
+
+Two levels so that changing the in-plane resolution re-runs only the resize, never the DICOM
+decode. When the resize is the identity, `cases/<id>` holds only the entry and reads fall
+through to `native/<id>`, so the native grid is stored once. Every case group is written in
+`.staging/` and renamed into place, so a case killed half-way is simply absent and redone.
+Nothing patient-identifying is written: ids come from file names, geometry is numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from ctdiff.volume import Volume
+
+Kind = Literal["thick", "thin"]
+KINDS: tuple[Kind, Kind] = ("thick", "thin")
+STORE_FORMAT = 1
+
+
+class CaseStore:
+    """Read and write preprocessed cases; see the module docstring for the layout."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return (self.path / "zarr.json").is_file()
+
+    def manifest(self) -> list[dict[str, Any]]:
+        """One entry per ingested case (ok or quarantined), sorted by id, with its split."""
+        if not self.exists():
+            return []
+        splits = self._root().attrs.get("splits", {})
+        entries = []
+        for case_dir in sorted((self.path / "cases").glob("*/zarr.json")):
+            entry = dict(zarr.open_group(case_dir.parent, mode="r").attrs["entry"])
+            entry["split"] = splits.get(entry["id"])
+            entries.append(entry)
+        return entries
+
+    def entry(self, case_id: str) -> dict[str, Any] | None:
+        group = self._open(self.path / "cases" / case_id)
+        return None if group is None else dict(group.attrs["entry"])
+
+    def ids(self, split: str | None = None, status: str = "ok") -> list[str]:
+        return [
+            e["id"]
+            for e in self.manifest()
+            if e["status"] == status and (split is None or e["split"] == split)
+        ]
+
+    def read(self, case_id: str, kind: Kind, z_slice: slice = slice(None)) -> Volume:
+        """The case's thick or thin volume at the store's resolution (optionally a slab)."""
+        group = self._open(self.path / "cases" / case_id)
+        if group is None or group.attrs["entry"]["status"] != "ok":
+            raise KeyError(f"case {case_id!r} is not an ok case of {self.path}")
+        if kind not in group:
+            group = self._open(self.path / "native" / case_id)
+        return _read_volume(group[kind], z_slice)
+
+    def read_native(self, case_id: str, kind: Kind) -> Volume:
+        return _read_volume(zarr.open_group(self.path / "native" / case_id, mode="r")[kind])
+
+    def native_key(self, case_id: str) -> str | None:
+        group = self._open(self.path / "native" / case_id)
+        return None if group is None else group.attrs.get("key")
+
+    def native_attrs(self, case_id: str) -> dict[str, Any]:
+        group = self._open(self.path / "native" / case_id)
+        return {} if group is None else dict(group.attrs)
+
+    def case_key(self, case_id: str) -> str | None:
+        """The cache key an ok or quarantined case was written with; None if absent."""
+        group = self._open(self.path / "cases" / case_id)
+        return None if group is None else group.attrs.get("key")
+
+    def nbytes_stored(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the root group if needed and clear staging left by killed writers."""
+        if not self.exists():
+            root = zarr.open_group(self.path, mode="a", zarr_format=3)
+            root.attrs.update({"format": STORE_FORMAT})
+        shutil.rmtree(self.path / ".staging", ignore_errors=True)
+
+    def write_native(
+        self, case_id: str, volumes: dict[Kind, Volume], key: str, attrs: dict, chunk_slices: int, level: int
+    ) -> None:
+        self._write_group("native", case_id, volumes, {"key": key, **attrs}, chunk_slices, level)
+
+    def write_case(
+        self, case_id: str, volumes: dict[Kind, Volume], key: str, entry: dict, chunk_slices: int, level: int
+    ) -> None:
+        """Write an ok case (empty `volumes` = use the native arrays) or a quarantined one."""
+        assert entry["id"] == case_id and entry["status"] in ("ok", "quarantined")
+        self._write_group("cases", case_id, volumes, {"key": key, "entry": entry}, chunk_slices, level)
+
+    def set_splits(self, splits: dict[str, str]) -> None:
+        self._root(mode="a").attrs.update({"splits": splits})
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _root(self, mode: str = "r") -> zarr.Group:
+        return zarr.open_group(self.path, mode=mode, zarr_format=3)
+
+    @staticmethod
+    def _open(path: Path) -> zarr.Group | None:
+        return zarr.open_group(path, mode="r") if (path / "zarr.json").is_file() else None
+
+    def _write_group(
+        self, level_name: str, case_id: str, volumes: dict[Kind, Volume], attrs: dict, chunk_slices: int, level: int
+    ) -> None:
+        staging = self.path / ".staging" / f"{level_name}-{case_id}-{uuid.uuid4().hex[:8]}"
+        group = zarr.open_group(staging, mode="w", zarr_format=3)
+        for kind, volume in volumes.items():
+            _write_volume(group, kind, volume, chunk_slices, level)
+        group.attrs.update(attrs)  # last: staging content is complete from here on
+        _replace_dir(staging, self.path / level_name / case_id)
+
+
+def _write_volume(group: zarr.Group, kind: str, volume: Volume, chunk_slices: int, level: int) -> None:
+    depth, height, width = volume.shape
+    array = group.create_array(
+        kind,
+        shape=volume.shape,
+        chunks=(min(chunk_slices, depth), height, width),
+        dtype="int16",
+        compressors=BloscCodec(cname="zstd", clevel=level, shuffle=BloscShuffle.bitshuffle),
+        fill_value=-1024,
+    )
+    array[:] = volume.hu
+    array.attrs.update(
+        {
+            "spacing_mm": [float(s) for s in volume.spacing_mm],
+            "z_mm": [float(z) for z in volume.z_mm],
+            "orientation": [float(c) for c in volume.orientation],
+            "origin_mm": [float(c) for c in volume.origin_mm],
+        }
+    )
+
+
+def _read_volume(array: zarr.Array, z_slice: slice = slice(None)) -> Volume:
+    attrs = array.attrs
+    z_mm = np.asarray(attrs["z_mm"], dtype=np.float64)[z_slice]
+    origin = np.asarray(attrs["origin_mm"], dtype=np.float64)
+    if len(z_mm) and z_slice != slice(None):
+        # Move the origin along the slice normal to the first slice of the slab.
+        orientation = np.asarray(attrs["orientation"])
+        normal = np.cross(orientation[:3], orientation[3:])
+        origin = origin + normal * (z_mm[0] - attrs["z_mm"][0])
+    return Volume(
+        hu=np.asarray(array[z_slice], dtype=np.int16),
+        spacing_mm=tuple(attrs["spacing_mm"]),
+        z_mm=z_mm,
+        orientation=tuple(attrs["orientation"]),
+        origin_mm=tuple(float(c) for c in origin),
+    )
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move a finished directory into place; an older version is removed only after the move."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if target.exists():
+        old = source.parent / f"old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    os.rename(source, target)
+    if old is not None:
+        shutil.rmtree(old)

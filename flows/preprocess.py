@@ -1,0 +1,78 @@
+"""Flow `preprocess`: a folder of DICOM cases → the Zarr case store (SPEC §3)."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+
+from ctdiff.config import Config, load_config, require_input
+from tasks.preprocess import (
+    create_store,
+    decode_case,
+    discover,
+    quarantine_case,
+    report_manifest,
+    resize_case,
+    write_splits,
+)
+from tasks.progress import Progress
+from tasks.runners import dask_task_runner
+
+
+@flow(name="ingest-cases")
+def ingest_cases(refs: list[dict], store_path: str, config: Config) -> None:
+    """Decode then resize every case on the task runner; a failed case is quarantined."""
+    cfg = config.preprocess
+    args = {"store_path": store_path, "chunk_slices": cfg.chunk_slices, "level": cfg.compression_level}
+    retry = {"retries": cfg.retries, "retry_delay_seconds": cfg.retry_delay_s}
+    decoder = decode_case.with_options(**retry)
+    resizer = resize_case.with_options(**retry)
+    decodes = {decoder.submit(ref, **args): ref for ref in refs}
+    resizes = {}
+    with Progress(len(refs), "case", "preprocess") as progress:
+        for future in as_completed(list(decodes)):
+            ref = decodes[future]
+            if future.state.is_failed():
+                quarantine_case(ref, store_path, _failure_reason(future))
+                progress.advance(quarantined=ref["id"])
+            elif future.result()["status"] == "quarantined":
+                progress.advance(quarantined=ref["id"])
+            else:
+                resizes[resizer.submit(ref, resolution=cfg.resolution, **args)] = ref
+        for future in as_completed(list(resizes)):
+            ref = resizes[future]
+            if future.state.is_failed():
+                quarantine_case(ref, store_path, _failure_reason(future))
+            progress.advance(case=ref["id"])
+
+
+def _failure_reason(future) -> str:
+    error = future.state.result(raise_on_failure=False)
+    detail = getattr(error, "strerror", None) or type(error).__name__
+    return f"failed after retries: {detail}"
+
+
+@flow(name="preprocess")
+def preprocess(config: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Ingest every case under `paths.input` into the case store at `paths.store`.
+
+    Returns counts per status. Fails only when no case could be ingested.
+    """
+    cfg = load_config(config, overrides or [])
+    input_dir = require_input(cfg)
+    store_path = str(cfg.paths.store)
+    logger = get_run_logger()
+    refs = discover(str(input_dir))
+    logger.info("found %d cases in %s", len(refs), input_dir)
+    if not refs:
+        raise ValueError(f"no cases (ZIPs or DICOM folders) in {input_dir}")
+    create_store(store_path)
+    ingest_cases.with_options(task_runner=dask_task_runner(cfg.preprocess.dask))(refs, store_path, cfg)
+    split = cfg.preprocess.split
+    manifest = write_splits(store_path, {"train": split.train, "val": split.val, "test": split.test}, split.seed)
+    summary = report_manifest(manifest, store_path)
+    logger.info("preprocess summary:\n%s", summary)
+    counts = {status: sum(e["status"] == status for e in manifest) for status in ("ok", "quarantined")}
+    if counts["ok"] == 0:
+        raise RuntimeError(f"no case could be ingested ({counts['quarantined']} quarantined); see the manifest")
+    return {"store": store_path, **counts}

@@ -1,0 +1,124 @@
+"""Prefect tasks over `ctdiff.preprocess`: per-case decode and resize, quarantine, splits.
+
+Tasks take and return ids, paths and small dicts, never arrays. The case store is the cache of
+record: a task's Prefect cache key is offered only while the store holds that exact output,
+so a deleted or half-written case is always recomputed, never served from a stale cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+
+from ctdiff import preprocess
+from ctdiff.cases import CaseRef, assign_splits, discover_cases
+from ctdiff.store import CaseStore
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry I/O failures (network filesystems, evicted volumes); bad data is quarantined."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is not worth retrying
+        return False
+    return False
+
+
+@dataclass
+class StoreBackedCache(CachePolicy):
+    """Cache key = the step's content key (case file hash + settings + code version), offered
+    only when the case store says that output is complete."""
+
+    step: str = "decode"
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        ref = CaseRef(**inputs["ref"])
+        store = CaseStore(inputs["store_path"])
+        if self.step == "decode":
+            key = preprocess.decode_key(ref)
+            return key if store.native_key(ref.id) == key else None
+        native_key = store.native_key(ref.id)
+        if native_key is None:
+            return None
+        key = preprocess.resize_key(native_key, inputs["resolution"], inputs["chunk_slices"], inputs["level"])
+        return key if store.case_key(ref.id) == key else None
+
+
+@task(name="discover-cases")
+def discover(input_dir: str) -> list[dict]:
+    return [ref.to_dict() for ref in discover_cases(input_dir)]
+
+
+@task(name="create-store")
+def create_store(store_path: str) -> None:
+    CaseStore(store_path).create()
+
+
+@task(
+    name="decode-case",
+    task_run_name="decode-{ref[id]}",
+    cache_policy=StoreBackedCache(step="decode"),
+    retry_condition_fn=is_transient,
+    persist_result=True,
+)
+def decode_case(ref: dict, store_path: str, chunk_slices: int, level: int) -> dict:
+    return preprocess.decode_case(CaseRef(**ref), CaseStore(store_path), chunk_slices, level)
+
+
+@task(
+    name="resize-case",
+    task_run_name="resize-{ref[id]}",
+    cache_policy=StoreBackedCache(step="resize"),
+    retry_condition_fn=is_transient,
+    persist_result=True,
+)
+def resize_case(ref: dict, store_path: str, resolution: int | None, chunk_slices: int, level: int) -> dict:
+    return preprocess.resize_case(CaseRef(**ref), CaseStore(store_path), resolution, chunk_slices, level)
+
+
+@task(name="quarantine-case", task_run_name="quarantine-{ref[id]}")
+def quarantine_case(ref: dict, store_path: str, reason: str) -> dict:
+    # No cache key: a case that failed for transient reasons is tried again next run.
+    return preprocess.quarantine_case(CaseStore(store_path), CaseRef(**ref), reason, key=None)
+
+
+@task(name="write-splits")
+def write_splits(store_path: str, ratios: dict[str, float], seed: int) -> list[dict]:
+    """Assign ok cases to train/val/test and return the manifest."""
+    store = CaseStore(store_path)
+    ok = {e["id"]: e["category"] for e in store.manifest() if e["status"] == "ok"}
+    store.set_splits(assign_splits(ok, ratios, seed))
+    return store.manifest()
+
+
+MANIFEST_COLUMNS = ("id", "category", "status", "reason", "split", "n_thick", "n_thin", "seconds")
+
+
+@task(name="report-manifest")
+def report_manifest(manifest: list[dict], store_path: str) -> str:
+    """Table and summary artifacts for the Prefect UI; returns the summary as Markdown."""
+    rows = [{column: entry.get(column) for column in MANIFEST_COLUMNS} for entry in manifest]
+    create_table_artifact(key="preprocess-cases", table=rows, description=f"Cases in {store_path}")
+    n_ok = sum(e["status"] == "ok" for e in manifest)
+    lines = [
+        f"**{n_ok} of {len(manifest)} cases ok** in `{store_path}`",
+        "",
+        "| split | cases |",
+        "|---|---|",
+        *(f"| {s} | {sum(e.get('split') == s for e in manifest)} |" for s in ("train", "val", "test")),
+    ]
+    quarantined = [e for e in manifest if e["status"] == "quarantined"]
+    if quarantined:
+        lines += ["", "Quarantined:", *(f"- `{e['id']}`: {e['reason']}" for e in quarantined)]
+    summary = "\n".join(lines)
+    create_markdown_artifact(key="preprocess-summary", markdown=summary)
+    return summary

@@ -1,0 +1,37 @@
+"""Progress of long work, shown both as a terminal bar and as a Prefect progress artifact."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from tqdm import tqdm
+
+
+class Progress:
+    """`with Progress(total, "cases") as p: p.advance(postfix)`; ETA comes from tqdm."""
+
+    def __init__(self, total: int, unit: str, description: str):
+        self.total = max(total, 1)
+        self.done = 0
+        self._bar = tqdm(total=total, unit=unit, desc=description, file=sys.stderr, dynamic_ncols=True)
+        self._artifact_id = create_progress_artifact(progress=0.0, description=description)
+        self._last_update = 0.0
+
+    def advance(self, n: int = 1, **postfix: object) -> None:
+        self.done += n
+        self._bar.update(n)
+        if postfix:
+            self._bar.set_postfix(postfix, refresh=False)
+        now = time.monotonic()
+        # The API is rate-limited in spirit: update at most twice a second, and always at the end.
+        if now - self._last_update > 0.5 or self.done >= self.total:
+            update_progress_artifact(self._artifact_id, progress=100.0 * self.done / self.total)
+            self._last_update = now
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
