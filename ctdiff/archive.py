@@ -1,0 +1,124 @@
+"""Safe iteration over the files of a case: a ZIP read in memory, or an unzipped folder.
+
+Nothing is ever extracted to disk. ZIP members are checked against the central directory (path,
+size, compression ratio) before any of them is inflated, so a hostile or broken archive fails
+fast with a `CaseError`. Reasons name members by their index in the ZIP directory, never by
+name: DICOM file names often hold patient names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctdiff.errors import CaseError
+
+_MIB = 1 << 20
+_GIB = 1 << 30
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_MACOS_METADATA = "__MACOSX"
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Bounds on what one case may unpack to; they guard memory against zip bombs."""
+
+    max_member_bytes: int = 1 * _GIB  # one DICOM file; real CT slices are ~0.5 MB
+    max_total_bytes: int = 32 * _GIB  # a whole case, uncompressed
+    max_ratio: float = 200.0  # uncompressed / compressed; DICOM deflates ~2-10x
+    ratio_min_bytes: int = 1 * _MIB  # small members may compress far better (padding, text)
+
+
+def iter_members(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> Iterator[bytes]:
+    """Yield the bytes of each regular file of a case, in a fixed order.
+
+    A ZIP is read in memory; a folder is walked recursively in sorted order without following
+    symlinks. Directories and macOS `__MACOSX/` metadata are skipped.
+    """
+    path = Path(path)
+    if path.is_dir():
+        yield from _iter_folder(path, limits)
+    elif path.is_file():
+        yield from _iter_zip(path, limits)
+    else:
+        raise CaseError("case not found")
+
+
+def _is_unsafe(name: str) -> bool:
+    parts = re.split(r"[\\/]", name)
+    return name.startswith(("/", "\\")) or bool(_DRIVE.match(name)) or ".." in parts
+
+
+def _is_macos_metadata(name: str) -> bool:
+    return _MACOS_METADATA in re.split(r"[\\/]", name)
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", _GIB), ("MiB", _MIB)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} bytes"
+
+
+def _check_sizes(sizes: list[tuple[int, int, int]], limits: ArchiveLimits) -> None:
+    """Refuse a case from (index, uncompressed, compressed) sizes, before reading any member."""
+    total = 0
+    for index, size, compressed in sizes:
+        if size > limits.max_member_bytes:
+            raise CaseError(f"member #{index} too large ({_size(size)} uncompressed)")
+        ratio = size / max(compressed, 1)
+        if size > limits.ratio_min_bytes and ratio > limits.max_ratio:
+            raise CaseError(f"zip bomb-like member #{index} (compression ratio {ratio:.0f})")
+        total += size
+        if total > limits.max_total_bytes:
+            raise CaseError(f"case too large (over {_size(limits.max_total_bytes)} uncompressed)")
+
+
+def _iter_zip(path: Path, limits: ArchiveLimits) -> Iterator[bytes]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise CaseError("corrupt zip") from exc
+    with zf:
+        members: list[tuple[int, zipfile.ZipInfo]] = []
+        for index, info in enumerate(zf.infolist()):
+            if _is_unsafe(info.filename):
+                raise CaseError(f"unsafe path in zip (member #{index})")
+            if info.is_dir() or _is_macos_metadata(info.filename):
+                continue
+            if info.flag_bits & 0x1:
+                raise CaseError(f"encrypted zip (member #{index})")
+            members.append((index, info))
+        _check_sizes([(n, i.file_size, i.compress_size) for n, i in members], limits)
+
+        for index, info in members:
+            try:
+                # Bounded by the directory's file_size, which was checked above.
+                data = zf.read(info)
+            except NotImplementedError as exc:
+                raise CaseError(f"unsupported zip compression in member #{index}") from exc
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+                raise CaseError(f"corrupt zip: bad member #{index}") from exc
+            yield data
+
+
+def _iter_folder(root: Path, limits: ArchiveLimits) -> Iterator[bytes]:
+    files: list[Path] = []
+    sizes: list[tuple[int, int, int]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if d != _MACOS_METADATA)
+        for name in sorted(filenames):
+            file = Path(dirpath, name)
+            st = file.lstat()
+            if stat.S_ISREG(st.st_mode):  # symlinks and special files are not followed
+                sizes.append((len(files), st.st_size, st.st_size))  # not compressed: ratio 1
+                files.append(file)
+    _check_sizes(sizes, limits)
+    for file in files:
+        yield file.read_bytes()

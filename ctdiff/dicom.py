@@ -1,0 +1,274 @@
+"""Read one case (ZIP or folder) into its thick and thin axial CT volumes in HU.
+
+Series are told apart by DICOM content only (section 2 of the spec): members are grouped by
+SeriesInstanceUID and in-plane geometry, slices are ordered by ImagePositionPatient projected on
+the slice normal, and the pair is chosen by slice spacing. Scouts, dose reports, other
+modalities and non-DICOM files are ignored. UIDs stay in memory; no header value reaches an
+error reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
+
+from ctdiff.archive import ArchiveLimits, iter_members
+from ctdiff.errors import CaseError
+from ctdiff.volume import Volume
+
+MAX_TILT_DEG = 10.0  # slice normal vs patient z; reformats (coronal, sagittal) are ~90 deg off
+SAME_SPACING = 0.10  # spacings within 10% are one spacing class
+DUPLICATE_MM = 1e-3  # slice positions closer than this are the same position
+GRID_TOL = 1e-3  # pixel spacing (mm) and direction cosines must agree this closely
+AIR_HU = -1024  # nothing real in CT is below air: lower values are padding outside the FOV
+_INT16_MAX = np.iinfo(np.int16).max
+
+
+@dataclass(frozen=True)
+class CasePair:
+    """The thick and thin volume of one case; counts are members of the case's ZIP or folder."""
+
+    thick: Volume
+    thin: Volume
+    n_files: int
+    n_ignored: int  # not DICOM, not an axial CT image, or in a series other than the pair
+
+
+@dataclass
+class _Slice:
+    ds: Dataset | None  # dropped once decoded, so its pixel bytes can be freed
+    z_mm: float
+    position_mm: tuple[float, float, float]
+    slope: float
+    intercept: float
+
+
+@dataclass
+class _Series:
+    orientation: tuple[float, ...]
+    rows: int
+    columns: int
+    pixel_spacing_mm: tuple[float, float]  # (row spacing dy, column spacing dx)
+    order: tuple  # deterministic tie-break between otherwise equal series
+    slices: list[_Slice] = field(default_factory=list)
+    z_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (D,) once sorted
+    dz_mm: float = 0.0  # median step between distinct positions, once sorted
+
+    def sort(self) -> None:
+        self.slices.sort(key=lambda s: s.z_mm)
+        self.z_mm = np.array([s.z_mm for s in self.slices], dtype=np.float64)  # (D,)
+        steps = np.diff(self.z_mm)
+        steps = steps[steps >= DUPLICATE_MM]  # duplicates must not hide a series' real spacing
+        self.dz_mm = float(np.median(steps)) if steps.size else 0.0
+
+    def overlaps(self, other: _Series) -> bool:
+        return self.z_mm[0] <= other.z_mm[-1] and other.z_mm[0] <= self.z_mm[-1]
+
+    def same_grid(self, other: _Series) -> bool:
+        return (
+            (self.rows, self.columns) == (other.rows, other.columns)
+            and np.allclose(self.pixel_spacing_mm, other.pixel_spacing_mm, rtol=0, atol=GRID_TOL)
+            and np.allclose(self.orientation, other.orientation, rtol=0, atol=GRID_TOL)
+        )
+
+
+def read_case(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> CasePair:
+    """Read a case and return its thick and thin series as HU volumes.
+
+    Raises `CaseError` with a manifest-ready reason when the archive is unsafe or corrupt, when
+    no thick/thin pair can be found, or when a chosen series is incomplete or undecodable.
+    """
+    groups: dict[tuple, _Series] = {}
+    n_files = 0
+    for data in iter_members(Path(path), limits):
+        n_files += 1
+        _add_member(groups, data)
+
+    series = [s for s in groups.values() if len(s.slices) >= 2]
+    for s in series:
+        s.sort()
+    thick, thin = _choose_pair(series)
+    groups.clear()  # the other series' pixel bytes can go before decoding
+    series.clear()
+    for role, s in (("thick", thick), ("thin", thin)):
+        _check_positions(s, role)
+    return CasePair(
+        thick=_decode(thick, "thick"),
+        thin=_decode(thin, "thin"),
+        n_files=n_files,
+        n_ignored=n_files - len(thick.slices) - len(thin.slices),
+    )
+
+
+def _add_member(groups: dict[tuple, _Series], data: bytes) -> None:
+    """Parse one member and file it under its series; anything else is dropped (ignored)."""
+    try:
+        # Closing the buffer matters: pydicom 3 keeps it as `ds.buffer`, a second copy of the
+        # member's bytes for as long as the dataset lives.
+        with BytesIO(data) as fp:
+            ds = pydicom.dcmread(fp)
+        if len(ds) == 0:
+            # pydicom 3.0 drops every element (with a warning) when encapsulated pixel data
+            # ends early; the header alone identifies the slice, which then fails as truncated.
+            with BytesIO(data) as fp:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        found = _identify(ds)
+    # pydicom raises many types on damaged headers (struct.error, NotImplementedError for a
+    # garbled VR, BytesLengthException, ...): a member that cannot be identified is ignored,
+    # and if it was a slice of the pair the gap is reported as a missing slice.
+    except Exception:  # noqa: BLE001
+        return
+    if found is None:
+        return
+    key, s, sl = found
+    groups.setdefault(key, s).slices.append(sl)
+
+
+def _identify(ds: Dataset) -> tuple[tuple, _Series, _Slice] | None:
+    """Series key, series geometry and slice record of an axial CT image, else None.
+
+    PixelData is not required here: pydicom drops a truncated encapsulated PixelData with only a
+    warning, and such a slice must fail loudly at decoding rather than vanish.
+    """
+    image_type = ds.get("ImageType") or []
+    image_type = [image_type] if isinstance(image_type, str) else image_type  # VM 1 is a str
+    image_type = [str(v).upper() for v in image_type]
+    if ds.get("Modality") != "CT" or "LOCALIZER" in image_type:
+        return None
+    if int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("NumberOfFrames") or 1) != 1:
+        return None
+    iop, ipp, spacing = (ds.get(k) for k in ("ImageOrientationPatient", "ImagePositionPatient",
+                                             "PixelSpacing"))
+    if iop is None or ipp is None or spacing is None or len(iop) != 6 or len(ipp) != 3:
+        return None
+    orientation = tuple(float(v) for v in iop)
+    normal = np.cross(orientation[:3], orientation[3:])
+    norm = float(np.linalg.norm(normal))
+    if norm < 0.5 or abs(normal[2]) / norm < np.cos(np.radians(MAX_TILT_DEG)):
+        return None  # not axial (or a broken orientation)
+    normal = normal / norm
+    position = tuple(float(v) for v in ipp)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    pixel_spacing = (float(spacing[0]), float(spacing[1]))
+    uid = str(ds.get("SeriesInstanceUID", ""))
+    key = (uid, tuple(round(v, 3) for v in orientation), rows, columns,
+           tuple(round(v, 3) for v in pixel_spacing))
+    series = _Series(orientation, rows, columns, pixel_spacing, order=key)
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    sl = _Slice(
+        ds=ds,
+        z_mm=float(np.dot(position, normal)),
+        position_mm=position,  # type: ignore[arg-type]
+        slope=1.0 if slope in (None, "") else float(slope),
+        intercept=0.0 if intercept in (None, "") else float(intercept),
+    )
+    return key, series, sl
+
+
+def _choose_pair(series: list[_Series]) -> tuple[_Series, _Series]:
+    """Thick = the largest spacing; thin = the smallest spacing overlapping it in z."""
+    if not series:
+        raise CaseError("no axial CT series")
+
+    def most_slices(s: _Series) -> tuple:
+        return (-len(s.slices), s.order)
+
+    max_dz = max(s.dz_mm for s in series)
+    thick = min((s for s in series if s.dz_mm >= max_dz * (1 - SAME_SPACING)), key=most_slices)
+    thinner = [s for s in series if s.dz_mm < thick.dz_mm * (1 - SAME_SPACING)]
+    if not thinner:
+        if len(series) == 1:
+            raise CaseError(f"no thin series (only one axial CT series, spacing {max_dz:.2f} mm)")
+        raise CaseError(
+            f"no thin series (all {len(series)} axial CT series have spacing ~{max_dz:.2f} mm)"
+        )
+    candidates = [s for s in thinner if s.overlaps(thick)]
+    if not candidates:
+        raise CaseError("no thin series overlapping the thick series in z")
+    min_dz = min(s.dz_mm for s in candidates)
+    thin = min(
+        (s for s in candidates if s.dz_mm <= min_dz * (1 + SAME_SPACING)),
+        key=lambda s: (not s.same_grid(thick), *most_slices(s)),
+    )
+    if not thin.same_grid(thick):
+        raise CaseError("thick and thin series differ in in-plane grid")
+    return thick, thin
+
+
+def _check_positions(s: _Series, role: str) -> None:
+    """Refuse duplicate positions and gaps wider than 1.5 slice spacings."""
+    steps = np.diff(s.z_mm)  # (D-1,)
+    duplicate = np.flatnonzero(steps < DUPLICATE_MM)
+    if duplicate.size:
+        raise CaseError(f"duplicate slice at z={s.z_mm[duplicate[0]]:.1f} mm in {role} series")
+    gap = np.flatnonzero(steps > 1.5 * s.dz_mm)
+    if gap.size:
+        missing_z = s.z_mm[gap[0]] + s.dz_mm
+        raise CaseError(f"missing slice at z={missing_z:.1f} mm in {role} series")
+
+
+def _decode(s: _Series, role: str) -> Volume:
+    """Stack the series' slices into int16 HU, freeing each dataset once decoded."""
+    hu = np.empty((len(s.slices), s.rows, s.columns), dtype=np.int16)  # (D, H, W)
+    first = s.slices[0].position_mm
+    for k, sl in enumerate(s.slices):
+        ds, sl.ds = sl.ds, None
+        stored = _pixels(ds, role, k)  # (H, W)
+        if stored.shape != hu.shape[1:]:
+            raise CaseError(f"cannot decode pixel data: shape {stored.shape} in {role} series")
+        hu[k] = _rescale(stored, sl.slope, sl.intercept)
+        del ds, stored
+    return Volume(
+        hu=hu,
+        spacing_mm=(s.dz_mm, *s.pixel_spacing_mm),
+        z_mm=s.z_mm.copy(),
+        orientation=s.orientation,
+        origin_mm=first,
+    )
+
+
+def _pixels(ds: Dataset, role: str, k: int) -> np.ndarray:
+    """Stored values of one slice, as pydicom decodes them (no modality LUT applied)."""
+    truncated = CaseError(f"truncated DICOM in {role} series, slice {k}")
+    if "PixelData" not in ds or ds.PixelData is None:
+        raise truncated
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None:
+        raise CaseError("unsupported transfer syntax (none given)")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise CaseError(f"unsupported transfer syntax {syntax.name}") from exc
+    if not decoder.is_available:
+        raise CaseError(f"unsupported transfer syntax {syntax.name}")
+    if not syntax.is_encapsulated:
+        expected = ds.Rows * ds.Columns * (int(ds.BitsAllocated) // 8)
+        if len(ds.PixelData) < expected:
+            raise truncated
+    try:
+        # pydicom 3 returns stored values here (signed per PixelRepresentation, JPEG 2000
+        # sign mismatch corrected); the rescale to HU is ours.
+        return ds.pixel_array
+    # Decoder plugins raise assorted types on damaged streams; all mean the same to a user.
+    except Exception as exc:  # noqa: BLE001
+        raise CaseError(f"cannot decode pixel data: {type(exc).__name__}") from exc
+
+
+def _rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """HU = stored × slope + intercept, rounded, clipped to [air, int16 max].
+
+    Scanners pad outside the circular field of view with values far below air (-2000, -3024),
+    series by series; clipping to air makes thick and thin agree there.
+    """
+    if slope == 1.0 and float(intercept).is_integer():
+        hu = stored.astype(np.int32) + int(intercept)  # exact integer path, the common case
+    else:
+        hu = np.rint(stored.astype(np.float64) * slope + intercept)
+    return np.clip(hu, AIR_HU, _INT16_MAX).astype(np.int16)

@@ -1,0 +1,120 @@
+"""The `preprocess` flow end to end on synthetic cases mixed with broken ones."""
+
+import io
+import zipfile
+
+import numpy as np
+import pydicom
+import pytest
+
+from ctdiff.store import CaseStore
+from ctdiff.synth import PHI_MARKERS, SynthSpec, synthesize
+
+pytestmark = pytest.mark.slow
+
+SPEC = SynthSpec(n_cases=4, size=32, n_thin=20, seed=3)
+
+
+def _dicom_members(path):
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            data = zf.read(info)
+            yield info, data, pydicom.dcmread(io.BytesIO(data))
+
+
+def _rewrite_zip(source, target, keep):
+    """Copy a case ZIP keeping members for which keep(index, dataset) is true."""
+    members = list(_dicom_members(source))
+    with zipfile.ZipFile(target, "w") as out:
+        for index, (info, data, ds) in enumerate(members):
+            if keep(index, ds):
+                out.writestr(info, data)
+
+
+def _thin_indices(path):
+    return [i for i, (_, _, ds) in enumerate(_dicom_members(path))
+            if ds.get("Modality") == "CT" and float(ds.get("SliceThickness", 0)) == SPEC.thin_mm
+            and "LOCALIZER" not in ds.ImageType]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cases")
+    good = synthesize(root, SPEC)
+    source = good[0]
+    broken = root / "non-APE"
+    (broken / "garbage.zip").write_bytes(np.random.default_rng(0).bytes(4096))
+    thin = _thin_indices(source)
+    middle = sorted(thin)[len(thin) // 2]
+    _rewrite_zip(source, broken / "gap.zip", lambda i, ds: i != middle)
+    _rewrite_zip(source, broken / "thick_only.zip", lambda i, ds: i not in thin)
+    with zipfile.ZipFile(broken / "escape.zip", "w") as zf:
+        zf.writestr("../evil.dcm", b"x")
+    return root, good
+
+
+def _independent_thin_hu(path):
+    """The thin series straight from pydicom: sort by z, apply the modality LUT, crop."""
+    slices = [ds for _, _, ds in _dicom_members(path)
+              if ds.get("Modality") == "CT" and "LOCALIZER" not in ds.ImageType
+              and float(ds.SliceThickness) == SPEC.thin_mm]
+    thick_z = sorted(float(ds.ImagePositionPatient[2]) for _, _, ds in _dicom_members(path)
+                     if ds.get("Modality") == "CT" and float(ds.get("SliceThickness", 0)) == SPEC.thick_mm)
+    slices.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    z = np.array([float(ds.ImagePositionPatient[2]) for ds in slices])
+    keep = (z >= thick_z[0] - SPEC.thick_mm / 2) & (z < thick_z[-1] + SPEC.thick_mm / 2)
+    hu = np.stack([pydicom.pixels.apply_modality_lut(ds.pixel_array, ds) for ds in slices])
+    return np.maximum(hu[keep], -1024).astype(np.int16), z[keep]  # padding → air
+
+
+def _mtimes(store_path, level):
+    return {p.parent.name: p.stat().st_mtime_ns for p in (store_path / level).glob("*/zarr.json")}
+
+
+def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
+    from flows.preprocess import preprocess
+
+    root, good = cases
+    store_path = tmp_path / "store.zarr"
+    overrides = [f"paths.input={root}", f"paths.store={store_path}", "preprocess.resolution=null",
+                 "preprocess.dask.n_workers=1", "preprocess.retries=0"]
+    result = preprocess(config=None, overrides=overrides)
+    assert result == {"store": str(store_path), "ok": 4, "quarantined": 4}
+
+    store = CaseStore(store_path)
+    manifest = {e["id"]: e for e in store.manifest()}
+    assert {i: e["status"] for i, e in manifest.items() if e["status"] == "ok"}.keys() == {p.stem for p in good}
+    assert manifest["garbage"]["reason"] == "corrupt zip"
+    assert manifest["gap"]["reason"].startswith("missing slice at z=")
+    assert manifest["gap"]["reason"].endswith("in thin series")
+    assert manifest["thick_only"]["reason"].startswith("no thin series")
+    assert manifest["escape"]["reason"].startswith("unsafe path in zip")
+    assert sorted(e["split"] for e in manifest.values() if e["status"] == "ok") == ["test", "train", "train", "val"]
+
+    # Every good case is exact: HU and positions as an independent pydicom reading gives them.
+    for path in good:
+        hu, z_mm = _independent_thin_hu(path)
+        thin = store.read(path.stem, "thin")
+        np.testing.assert_array_equal(thin.hu, hu)
+        np.testing.assert_allclose(thin.z_mm, np.sort(z_mm))
+        assert thin.shape[0] == SPEC.n_thin
+        assert store.read(path.stem, "thick").shape[0] == SPEC.n_thin // SPEC.ratio
+
+    # Nothing patient-identifying anywhere in the store, the logs or the persisted results.
+    stored = b"".join(p.read_bytes() for p in store_path.rglob("*") if p.is_file())
+    results = b"".join(p.read_bytes() for p in prefect_harness.rglob("*") if p.is_file())
+    for marker in PHI_MARKERS:
+        assert marker.encode() not in stored
+        assert marker.encode() not in results
+        assert marker not in caplog.text
+
+    # A second run does no work: no case group is rewritten.
+    native, cases_before = _mtimes(store_path, "native"), _mtimes(store_path, "cases")
+    assert preprocess(config=None, overrides=overrides)["ok"] == 4
+    assert _mtimes(store_path, "native") == native
+    assert _mtimes(store_path, "cases") == cases_before
+
+    # A new resolution re-runs only the resize: the decoded native arrays are untouched.
+    preprocess(config=None, overrides=overrides[:2] + ["preprocess.resolution=16"] + overrides[3:])
+    assert _mtimes(store_path, "native") == native
+    assert store.read(good[0].stem, "thin").shape == (SPEC.n_thin, 16, 16)
