@@ -108,6 +108,25 @@ def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
         assert marker.encode() not in results
         assert marker not in caplog.text
 
+    # The Prefect UI gets the manifest as a table artifact, with reasons and no patient data.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        # Prefect 3.8's sync client sends null for every argument left out, which the API refuses.
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["preprocess-cases", "preprocess-summary"])),
+            flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
+            sort=ArtifactSort.CREATED_DESC, limit=10, offset=0,
+        )
+    texts = {a.key: str(a.data) for a in artifacts}
+    assert set(texts) == {"preprocess-cases", "preprocess-summary"}
+    table = texts["preprocess-cases"]
+    assert "corrupt zip" in table and all(p.stem in table for p in good)
+    for marker in PHI_MARKERS:
+        assert all(marker not in t for t in texts.values())
+
     # A second run does no work: no case group is rewritten.
     native, cases_before = _mtimes(store_path, "native"), _mtimes(store_path, "cases")
     assert preprocess(config=None, overrides=overrides)["ok"] == 4

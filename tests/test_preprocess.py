@@ -68,3 +68,69 @@ def test_resize_2x_is_the_triangle_filter():
     rows = sum(taps[k] * x[:, 2 * np.arange(1, 15) - 1 + k, :] for k in range(4))  # (2, 14, 32)
     both = sum(taps[k] * rows[:, :, 2 * np.arange(1, 15) - 1 + k] for k in range(4))  # (2, 14, 14)
     np.testing.assert_allclose(out.hu[:, 1:15, 1:15], both, atol=0.51)
+
+
+# -- case steps against a store ------------------------------------------------------------------
+
+import ctdiff.store  # noqa: E402
+from ctdiff.cases import discover_cases  # noqa: E402
+from ctdiff.preprocess import decode_case, resize_case  # noqa: E402
+from ctdiff.store import CaseStore  # noqa: E402
+from ctdiff.synth import SynthSpec, synthesize  # noqa: E402
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL / pod eviction in the middle of a write."""
+
+
+@pytest.fixture
+def one_case(tmp_path):
+    synthesize(tmp_path / "in", SynthSpec(n_cases=1, size=16, n_thin=10))
+    (ref,) = discover_cases(tmp_path / "in")
+    store = CaseStore(tmp_path / "s.zarr")
+    store.create()
+    return ref, store
+
+
+def test_steps_are_idempotent(one_case):
+    ref, store = one_case
+    first = decode_case(ref, store)
+    assert first["cached"] is False and first["status"] == "ok"
+    assert resize_case(ref, store, 8)["cached"] is False
+    assert decode_case(ref, store)["cached"] is True
+    again = resize_case(ref, store, 8)
+    assert again["cached"] is True and again["n_thin"] == 10 and again["n_thick"] == 2
+    assert resize_case(ref, store, 4)["cached"] is False  # a new grid is a new output
+    assert store.read(ref.id, "thin").shape == (10, 4, 4)
+
+
+def test_case_killed_while_writing_is_redone(one_case, monkeypatch):
+    ref, store = one_case
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(ctdiff.store, "_replace_dir", killed)
+    with pytest.raises(_Killed):
+        decode_case(ref, store)
+    monkeypatch.undo()
+    assert store.native_key(ref.id) is None and store.manifest() == []
+    store.create()  # the next run starts by clearing staging
+    assert not any((store.path / ".staging").glob("*"))
+    assert decode_case(ref, store)["cached"] is False
+    assert resize_case(ref, store, None)["status"] == "ok"
+    assert [e["status"] for e in store.manifest()] == ["ok"]
+
+
+def test_bad_case_is_quarantined_once(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    (ref,) = discover_cases(tmp_path / "in")
+    store = CaseStore(tmp_path / "s.zarr")
+    store.create()
+    first = decode_case(ref, store)
+    assert (first["status"], first["reason"], first["cached"]) == ("quarantined", "corrupt zip", False)
+    second = decode_case(ref, store)
+    assert (second["status"], second["cached"]) == ("quarantined", True)
+    (entry,) = store.manifest()
+    assert entry["status"] == "quarantined" and entry["reason"] == "corrupt zip"
