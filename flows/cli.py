@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctdiff: {args.command} failed: {error}", file=sys.stderr)
         return 1
     print_store_summary(Path(result["store"]))
+    if result["previews"]:
+        print(f"previews:   {Path(result['previews'][0]).parent}/ ({len(result['previews'])} PNG)")
     return 0
 
 

@@ -11,6 +11,7 @@ from tasks.preprocess import (
     decode_case,
     discover,
     quarantine_case,
+    preview_cases,
     report_manifest,
     resize_case,
     write_splits,
@@ -75,4 +76,5 @@ def preprocess(config: str | None = None, overrides: list[str] | None = None) ->
     counts = {status: sum(e["status"] == status for e in manifest) for status in ("ok", "quarantined")}
     if counts["ok"] == 0:
         raise RuntimeError(f"no case could be ingested ({counts['quarantined']} quarantined); see the manifest")
-    return {"store": store_path, **counts}
+    previews = preview_cases(store_path, cfg.preprocess.window.as_pair(), str(cfg.paths.work / "previews"))
+    return {"store": store_path, **counts, "previews": previews}

@@ -8,6 +8,7 @@ so a deleted or half-written case is always recomputed, never served from a stal
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -98,6 +99,19 @@ def write_splits(store_path: str, ratios: dict[str, float], seed: int) -> list[d
     ok = {e["id"]: e["category"] for e in store.manifest() if e["status"] == "ok"}
     store.set_splits(assign_splits(ok, ratios, seed))
     return store.manifest()
+
+
+@task(name="preview-cases")
+def preview_cases(store_path: str, window: list[float], out_dir: str, max_cases: int = 3) -> list[str]:
+    """PNG previews (axial and coronal, thick and thin) of the first few ok cases."""
+    from ctdiff.figures import case_preview
+
+    store = CaseStore(store_path)
+    center_hu, width_hu = window
+    return [
+        str(case_preview(store, case_id, center_hu, width_hu, Path(out_dir) / f"{case_id}.png"))
+        for case_id in store.ids()[:max_cases]
+    ]
 
 
 MANIFEST_COLUMNS = ("id", "category", "status", "reason", "split", "n_thick", "n_thin", "seconds")

@@ -78,8 +78,11 @@ def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
     store_path = tmp_path / "store.zarr"
     overrides = [f"paths.input={root}", f"paths.store={store_path}", "preprocess.resolution=null",
                  "preprocess.dask.n_workers=1", "preprocess.retries=0"]
+    overrides.append(f"paths.work={tmp_path / 'work'}")
     result = preprocess(config=None, overrides=overrides)
-    assert result == {"store": str(store_path), "ok": 4, "quarantined": 4}
+    assert {k: result[k] for k in ("store", "ok", "quarantined")} == {"store": str(store_path), "ok": 4, "quarantined": 4}
+    assert [p.endswith(".png") for p in result["previews"]] == [True] * 3
+    assert all((tmp_path / "work" / "previews" / f"{p.stem}.png").stat().st_size > 1000 for p in good[:3])
 
     store = CaseStore(store_path)
     manifest = {e["id"]: e for e in store.manifest()}
@@ -134,6 +137,6 @@ def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
     assert _mtimes(store_path, "cases") == cases_before
 
     # A new resolution re-runs only the resize: the decoded native arrays are untouched.
-    preprocess(config=None, overrides=overrides[:2] + ["preprocess.resolution=16"] + overrides[3:])
+    preprocess(config=None, overrides=[*overrides, "preprocess.resolution=16"])
     assert _mtimes(store_path, "native") == native
     assert store.read(good[0].stem, "thin").shape == (SPEC.n_thin, 16, 16)

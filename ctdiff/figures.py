@@ -1,0 +1,47 @@
+"""Figures people look at instead of reading numbers: previews of ingested cases."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and pods
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ctdiff.store import CaseStore  # noqa: E402
+
+
+def case_preview(store: CaseStore, case_id: str, center_hu: float, width_hu: float, out: Path) -> Path:
+    """Axial and coronal views of a case's thick and thin volumes, windowed, at true aspect.
+
+    The coronal views show what the model is for: the thick series is blocky along z, the thin
+    one is not. Written atomically (temp file + rename).
+    """
+    thick = store.read(case_id, "thick")
+    thin = store.read(case_id, "thin")
+    mid_z = len(thin.z_mm) // 2
+    k_thick = int(np.argmin(np.abs(thick.z_mm - thin.z_mm[mid_z])))
+    row = thin.shape[1] // 2
+    dz_thin, dy, dx = thin.spacing_mm
+    dz_thick = thick.spacing_mm[0]
+    views = [
+        ("thick, axial", thick.window(center_hu, width_hu)[k_thick], dy / dx),
+        ("thin, axial", thin.window(center_hu, width_hu)[mid_z], dy / dx),
+        ("thick, coronal", thick.window(center_hu, width_hu)[::-1, row, :], dz_thick / dx),
+        ("thin, coronal", thin.window(center_hu, width_hu)[::-1, row, :], dz_thin / dx),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 4), constrained_layout=True)
+    for ax, (title, image, aspect) in zip(axes, views):
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
+        ax.set_title(title)
+        ax.axis("off")
+    fig.suptitle(f"{case_id}: window {center_hu:g}/{width_hu:g} HU, thick {dz_thick:g} mm, thin {dz_thin:g} mm")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
