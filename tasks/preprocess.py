@@ -64,24 +64,23 @@ def create_store(store_path: str) -> None:
     CaseStore(store_path).create()
 
 
-@task(
-    name="decode-case",
-    task_run_name="decode-{ref[id]}",
-    cache_policy=StoreBackedCache(step="decode"),
-    retry_condition_fn=is_transient,
-    persist_result=True,
-)
+def _case_step(step: str) -> dict[str, Any]:
+    """Options shared by the per-case steps: run name, store-backed cache, transient retries."""
+    return {
+        "name": f"{step}-case",
+        "task_run_name": f"{step}-{{ref[id]}}",
+        "cache_policy": StoreBackedCache(step=step),
+        "retry_condition_fn": is_transient,
+        "persist_result": True,
+    }
+
+
+@task(**_case_step("decode"))
 def decode_case(ref: dict, store_path: str, chunk_slices: int, level: int) -> dict:
     return preprocess.decode_case(CaseRef(**ref), CaseStore(store_path), chunk_slices, level)
 
 
-@task(
-    name="resize-case",
-    task_run_name="resize-{ref[id]}",
-    cache_policy=StoreBackedCache(step="resize"),
-    retry_condition_fn=is_transient,
-    persist_result=True,
-)
+@task(**_case_step("resize"))
 def resize_case(ref: dict, store_path: str, resolution: int | None, chunk_slices: int, level: int) -> dict:
     return preprocess.resize_case(CaseRef(**ref), CaseStore(store_path), resolution, chunk_slices, level)
 
