@@ -111,10 +111,12 @@ def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
         assert marker.encode() not in results
         assert marker not in caplog.text
 
-    # The Prefect UI gets the manifest as a table artifact, with reasons and no patient data.
+    # The Prefect UI gets the manifest as a table artifact, with reasons; neither it nor the
+    # run logs (from the Dask workers too) hold patient data.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
-    from prefect.client.schemas.sorting import ArtifactSort
+    from prefect.client.schemas.filters import LogFilter
+    from prefect.client.schemas.sorting import ArtifactSort, LogSort
 
     with get_client(sync_client=True) as client:
         # Prefect 3.8's sync client sends null for every argument left out, which the API refuses.
@@ -123,12 +125,16 @@ def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
             flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
             sort=ArtifactSort.CREATED_DESC, limit=10, offset=0,
         )
+        logs = client.read_logs(log_filter=LogFilter(), limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)
+    log_text = "\n".join(log.message for log in logs)
+    assert "found 8 cases" in log_text and "Finished in state" in log_text
     texts = {a.key: str(a.data) for a in artifacts}
     assert set(texts) == {"preprocess-cases", "preprocess-summary"}
     table = texts["preprocess-cases"]
     assert "corrupt zip" in table and all(p.stem in table for p in good)
     for marker in PHI_MARKERS:
         assert all(marker not in t for t in texts.values())
+        assert marker not in log_text
 
     # A second run does no work: no case group is rewritten.
     native, cases_before = _mtimes(store_path, "native"), _mtimes(store_path, "cases")
