@@ -8,6 +8,7 @@ name: DICOM file names often hold patient names.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -83,7 +84,10 @@ def _check_sizes(sizes: list[tuple[int, int, int]], limits: ArchiveLimits) -> No
 def _iter_zip(path: Path, limits: ArchiveLimits) -> Iterator[bytes]:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+        raise CaseError("corrupt zip") from exc
+    except OSError as exc:
+        _raise_if_transient(exc)
         raise CaseError("corrupt zip") from exc
     with zf:
         members: list[tuple[int, zipfile.ZipInfo]] = []
@@ -103,9 +107,22 @@ def _iter_zip(path: Path, limits: ArchiveLimits) -> Iterator[bytes]:
                 data = zf.read(info)
             except NotImplementedError as exc:
                 raise CaseError(f"unsupported zip compression in member #{index}") from exc
-            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
+                raise CaseError(f"corrupt zip: bad member #{index}") from exc
+            except OSError as exc:
+                _raise_if_transient(exc)
                 raise CaseError(f"corrupt zip: bad member #{index}") from exc
             yield data
+
+
+def _raise_if_transient(exc: OSError) -> None:
+    """Let I/O failures of the storage (not of the file's content) through, to be retried.
+
+    zipfile reports a truncated archive as EINVAL (a seek before the start); anything else, such
+    as EIO or ESTALE from a network filesystem, says nothing about the case itself.
+    """
+    if exc.errno != errno.EINVAL:
+        raise exc
 
 
 def _iter_folder(root: Path, limits: ArchiveLimits) -> Iterator[bytes]:

@@ -134,3 +134,20 @@ def test_bad_case_is_quarantined_once(tmp_path):
     assert (second["status"], second["cached"]) == ("quarantined", True)
     (entry,) = store.manifest()
     assert entry["status"] == "quarantined" and entry["reason"] == "corrupt zip"
+
+
+def test_storage_errors_propagate_for_retry(one_case, monkeypatch):
+    """EIO from a network filesystem is not the case's fault: raised for a retry, not quarantined."""
+    import errno
+    import zipfile
+
+    ref, store = one_case
+
+    def flaky_read(self, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(zipfile.ZipFile, "read", flaky_read)
+    with pytest.raises(OSError) as info:
+        decode_case(ref, store)
+    assert info.value.errno == errno.EIO
+    assert store.manifest() == []
