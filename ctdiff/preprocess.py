@@ -138,7 +138,7 @@ def decode_case(
     summary = {"id": ref.id, "native_key": key, "cached": True, "status": "ok", "reason": None}
     if store.native_key(ref.id) == key:
         return {**summary, "seconds": 0.0}
-    if store.case_key(ref.id) == _quarantine_key(key):
+    if is_decoded(store, ref.id, key):  # quarantined with this very input and code
         entry = store.entry(ref.id) or {}
         return {**summary, "status": "quarantined", "reason": entry.get("reason"), "seconds": 0.0}
     try:
@@ -187,6 +187,12 @@ def resize_case(
     entry["seconds"] = round(decode_seconds + time.perf_counter() - start, 3)
     store.write_case(ref.id, {} if is_identity else resized, key, entry, chunk_slices, level)
     return {**entry, "cached": False}
+
+
+def is_decoded(store: CaseStore, case_id: str, key: str) -> bool:
+    """Whether the store holds the decode step's output for `key`: native arrays, or the
+    quarantine entry that the same input and code produced."""
+    return store.native_key(case_id) == key or store.case_key(case_id) == _quarantine_key(key)
 
 
 def _quarantine_key(native_key: str) -> str:

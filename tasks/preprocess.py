@@ -1,8 +1,8 @@
 """Prefect tasks over `ctdiff.preprocess`: per-case decode and resize, quarantine, splits.
 
 Tasks take and return ids, paths and small dicts, never arrays. The case store is the cache of
-record: a task's Prefect cache key is offered only while the store holds that exact output,
-so a deleted or half-written case is always recomputed, never served from a stale cache.
+record: a Prefect cache hit is possible only while the store holds that exact output, so a
+deleted or half-written case is always recomputed, never served from a stale cache.
 """
 
 from __future__ import annotations
@@ -34,24 +34,33 @@ def is_transient(task, task_run, state) -> bool:
 
 @dataclass
 class StoreBackedCache(CachePolicy):
-    """Cache key = the step's content key (case file hash + settings + code version), offered
-    only when the case store says that output is complete."""
+    """Cache key = the step's content key (case file hash + settings + code version).
+
+    The key is offered when the case store holds that output, or when nothing is recorded under
+    it yet (a first run, whose result is then cached). A recorded result whose output is not in
+    the store (deleted, or killed before its rename) is stale: the key is withheld and the step
+    runs again.
+    """
 
     step: str = "decode"
 
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
-        ref = CaseRef(**inputs["ref"])
-        store = CaseStore(inputs["store_path"])
+        key, in_store = self._key(CaseRef(**inputs["ref"]), CaseStore(inputs["store_path"]), inputs)
+        if key is None or in_store:
+            return key
+        return None if task_ctx.result_store.exists(key) else key
+
+    def _key(self, ref: CaseRef, store: CaseStore, inputs: dict[str, Any]) -> tuple[str | None, bool]:
         if self.step == "decode":
             key = preprocess.decode_key(ref)
-            return key if store.native_key(ref.id) == key else None
+            return key, preprocess.is_decoded(store, ref.id, key)
         native_key = store.native_key(ref.id)
         if native_key is None:
-            return None
+            return None, False  # nothing decoded: the step will fail and must not be cached
         key = preprocess.resize_key(native_key, inputs["resolution"], inputs["chunk_slices"], inputs["level"])
-        return key if store.case_key(ref.id) == key else None
+        return key, store.case_key(ref.id) == key
 
 
 @task(name="discover-cases")

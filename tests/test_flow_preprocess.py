@@ -67,6 +67,28 @@ def _independent_thin_hu(path):
     return np.maximum(hu[keep], -1024).astype(np.int16), z[keep]  # padding → air
 
 
+def _count_cached_case_steps():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, TaskRunFilter, TaskRunFilterName, TaskRunFilterState, TaskRunFilterStateName,
+    )
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    count = 0
+    # A deployment or flow filter, even empty, joins on them and drops runs outside deployments.
+    with get_client(sync_client=True) as client:
+        for step in ("decode-", "resize-"):
+            runs = client.read_task_runs(
+                task_run_filter=TaskRunFilter(
+                    name=TaskRunFilterName(like_=step), state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["Cached"]))
+                ),
+                flow_run_filter=FlowRunFilter(),
+                sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200, offset=0,
+            )
+            count += len(runs)
+    return count
+
+
 def _mtimes(store_path, level):
     return {p.parent.name: p.stat().st_mtime_ns for p in (store_path / level).glob("*/zarr.json")}
 
@@ -136,9 +158,11 @@ def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
         assert all(marker not in t for t in texts.values())
         assert marker not in log_text
 
-    # A second run does no work: no case group is rewritten.
+    # A second run does no work: every case step is a Prefect cache hit, no group is rewritten.
     native, cases_before = _mtimes(store_path, "native"), _mtimes(store_path, "cases")
+    cached_before = _count_cached_case_steps()
     assert preprocess(config=None, overrides=overrides)["ok"] == 4
+    assert _count_cached_case_steps() - cached_before == 8 + 4  # decode + resize of ok cases, decode of bad
     assert _mtimes(store_path, "native") == native
     assert _mtimes(store_path, "cases") == cases_before
 

@@ -1,5 +1,8 @@
 """The task layer: which failures are retried, and when a Prefect cache key is offered."""
 
+import shutil
+from types import SimpleNamespace
+
 from prefect.states import Completed, Failed
 
 from ctdiff.cases import discover_cases
@@ -16,27 +19,44 @@ def test_only_io_errors_are_retried():
     assert not is_transient(None, None, Completed(data=1))
 
 
-def test_cache_key_is_offered_only_for_complete_store_output(tmp_path):
+class _Recorded:
+    """Stands for Prefect's result store: which keys have a persisted result."""
+
+    def __init__(self):
+        self.keys = set()
+
+    def exists(self, key):
+        return key in self.keys
+
+
+def test_cache_key_follows_the_store(tmp_path):
     synthesize(tmp_path / "in", SynthSpec(n_cases=1, size=16, n_thin=10))
     (ref,) = discover_cases(tmp_path / "in")
     store = CaseStore(tmp_path / "s.zarr")
     store.create()
+    recorded = _Recorded()
+    ctx = SimpleNamespace(result_store=recorded)
     inputs = {"ref": ref.to_dict(), "store_path": str(store.path), "resolution": 8, "chunk_slices": 8, "level": 3}
     decode_policy, resize_policy = StoreBackedCache(step="decode"), StoreBackedCache(step="resize")
 
-    assert decode_policy.compute_key(None, inputs, {}) is None
-    assert resize_policy.compute_key(None, inputs, {}) is None
+    # First run: nothing anywhere, so the key is offered and the result will be cached under it.
+    assert decode_policy.compute_key(ctx, inputs, {}) == decode_key(ref)
+    assert resize_policy.compute_key(ctx, inputs, {}) is None  # not decoded: no key
     decode_case(ref, store)
-    assert decode_policy.compute_key(None, inputs, {}) == decode_key(ref)
-    assert resize_policy.compute_key(None, inputs, {}) is None
     resize_case(ref, store, 8)
-    expected = resize_key(store.native_key(ref.id), 8, 8, 3)
-    assert resize_policy.compute_key(None, inputs, {}) == expected
-    assert resize_policy.compute_key(None, {**inputs, "resolution": 4}, {}) is None
+    recorded.keys |= {decode_key(ref), resize_key(store.native_key(ref.id), 8, 8, 3)}
+    assert decode_policy.compute_key(ctx, inputs, {}) == decode_key(ref)
+    assert resize_policy.compute_key(ctx, inputs, {}) == resize_key(store.native_key(ref.id), 8, 8, 3)
 
-    # The key follows the content of the case file: a changed file is a new, uncached input.
+    # The output is deleted but its result is recorded: withhold the key so the step runs.
+    shutil.rmtree(store.path / "cases" / ref.id)
+    assert resize_policy.compute_key(ctx, inputs, {}) is None
+    shutil.rmtree(store.path / "native" / ref.id)
+    assert decode_policy.compute_key(ctx, inputs, {}) is None
+
+    # The key follows the content of the case file: a changed file is a new input.
     old_key = decode_key(ref)
     with open(ref.path, "ab") as handle:
         handle.write(b"\0")
     assert decode_key(ref) != old_key
-    assert decode_policy.compute_key(None, inputs, {}) is None
+    assert decode_policy.compute_key(ctx, inputs, {}) == decode_key(ref)
