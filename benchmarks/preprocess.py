@@ -12,7 +12,9 @@ Prints one JSON document to stdout (progress goes to stderr) with:
             float32 HU, window 40/400, bilinear resize, `torch.save`, one process.
 - ctdiff    (a) `decode_case` + `resize_case` into a fresh CaseStore on a Dask LocalCluster of
             1 and 2 worker processes, at resolution 512 (native: the resize is the identity) and
-            256; plus a losslessness check of the stored HU against `read_case` + `align`.
+            256; plus a losslessness check of the stored HU against `read_case` + `align`, and
+            (a diagnostic, not a target) the 512 runs without the MALLOC_TRIM_THRESHOLD_ that
+            Dask nannies set for their workers.
 - peak memory of one case's work in a fresh process, for ctdiff and the baseline.
 - prefect   the `preprocess` flow on the same cases (fresh PREFECT_HOME), run twice: the fixed
             orchestration cost over the bare Dask run, and a fully cached re-run.
