@@ -56,6 +56,7 @@ from ctdiff.dicom import read_case
 from ctdiff.preprocess import align, decode_case, resize_case
 from ctdiff.store import CaseStore
 from ctdiff.synth import SynthSpec, case_category, write_case
+from tasks.runners import WORKER_PRESPAWN_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC = dict(size=512, n_thin=250, thick_mm=5, thin_mm=1, compression="none")
@@ -190,28 +191,31 @@ def _prepare_worker() -> dict:
     return {k: os.environ.get(k) for k in WORKER_ENV_REPORTED}
 
 
-WORKER_ENV_REPORTED = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")
+WORKER_ENV_REPORTED = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS")
 
 
 def dask_worker_env(base_env: dict[str, str]) -> dict[str, str]:
     """The environment a Dask nanny gives its worker processes (distributed.nanny.pre-spawn-environ)."""
     import dask
 
-    preset = dask.config.get("distributed.nanny.pre-spawn-environ")
+    preset = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_PRESPAWN_ENV}
     return {**{k: str(v) for k, v in preset.items() if v is not None}, **base_env}
 
 
 @contextlib.contextmanager
 def _nanny_environ(unset: tuple[str, ...]):
     """Nannies write their pre-spawn variables into this process's os.environ (dask documents
-    the leak); restore it afterwards, and leave out `unset` for the workers."""
+    the leak); restore it afterwards. Workers get what ctdiff's flow gives them
+    (tasks.runners.WORKER_PRESPAWN_ENV) on top of Dask's presets, less the names in `unset`."""
     import dask
 
     saved = dict(os.environ)
     for name in unset:
         os.environ.pop(name, None)
+    settings = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_PRESPAWN_ENV.items()}
+    settings.update({f"distributed.nanny.pre-spawn-environ.{name}": None for name in unset})
     try:
-        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": None for name in unset}):
+        with dask.config.set(settings):
             yield
     finally:
         os.environ.clear()
@@ -438,9 +442,12 @@ def run_benchmark(n_cases: int, work: Path, skip_prefect: bool) -> dict:
 
     ctdiff_runs: dict[str, dict] = {}
     configurations = [(f"res{r}_w{w}", r, w, ()) for r in RESOLUTIONS for w in WORKER_COUNTS]
-    # Diagnostic, not a target: the same work without Dask's MALLOC_TRIM_THRESHOLD_ preset.
-    configurations += [(f"res512_w{w}_glibc_default_malloc", 512, w, ("MALLOC_TRIM_THRESHOLD_",))
+    # Diagnostics, not targets: the same work with Dask's malloc presets as they come (ctdiff's
+    # mmap threshold left out), and with no malloc tuning at all (glibc's defaults).
+    configurations += [(f"res512_w{w}_dask_default_malloc", 512, w, tuple(WORKER_PRESPAWN_ENV))
                        for w in WORKER_COUNTS]
+    configurations += [(f"res512_w{w}_glibc_default_malloc", 512, w,
+                        ("MALLOC_TRIM_THRESHOLD_", *WORKER_PRESPAWN_ENV)) for w in WORKER_COUNTS]
     for name, resolution, n_workers, unset in configurations:
         log(f"ctdiff {name}: resolution {resolution}, {n_workers} worker(s)")
         store_path = work / f"ctdiff-{name}.zarr"

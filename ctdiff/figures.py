@@ -11,15 +11,31 @@ matplotlib.use("Agg")  # files only; no display on servers and pods
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from PIL import Image  # noqa: E402
+
+from ctdiff.fingerprint import settings_digest  # noqa: E402
 from ctdiff.store import CaseStore  # noqa: E402
+
+_KEY_FIELD = "ctdiff-key"
+
+
+def _png_key(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    with Image.open(path) as image:
+        return image.text.get(_KEY_FIELD)
 
 
 def case_preview(store: CaseStore, case_id: str, center_hu: float, width_hu: float, out: Path) -> Path:
     """Axial and coronal views of a case's thick and thin volumes, windowed, at true aspect.
 
     The coronal views show what the model is for: the thick series is blocky along z, the thin
-    one is not. Written atomically (temp file + rename).
+    one is not. Written atomically (temp file + rename), with the case's store key and the
+    window in the PNG's metadata; an existing preview made from the same is kept as it is.
     """
+    key = settings_digest(store.case_key(case_id), center_hu, width_hu)
+    if _png_key(out) == key:
+        return out
     thick = store.read(case_id, "thick")
     thin = store.read(case_id, "thin")
     mid_z = len(thin.z_mm) // 2
@@ -41,7 +57,7 @@ def case_preview(store: CaseStore, case_id: str, center_hu: float, width_hu: flo
     fig.suptitle(f"{case_id}: window {center_hu:g}/{width_hu:g} HU, thick {dz_thick:g} mm, thin {dz_thin:g} mm")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    fig.savefig(tmp, dpi=80, metadata={_KEY_FIELD: key})
     plt.close(fig)
     os.replace(tmp, out)
     return out

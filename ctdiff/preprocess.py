@@ -126,7 +126,7 @@ def _resize_code_version() -> str:
 
 
 def decode_case(
-    ref: CaseRef, store: CaseStore, chunk_slices: int = 8, level: int = 3
+    ref: CaseRef, store: CaseStore, chunk_slices: int = 8, level: int = 1
 ) -> dict:
     """Read and align a case's DICOM into `native/<id>`; bad data is quarantined, not raised.
 
@@ -158,7 +158,7 @@ def decode_case(
 
 
 def resize_case(
-    ref: CaseRef, store: CaseStore, resolution: int | None, chunk_slices: int = 8, level: int = 3
+    ref: CaseRef, store: CaseStore, resolution: int | None, chunk_slices: int = 8, level: int = 1
 ) -> dict:
     """Resize a decoded case to the configured grid into `cases/<id>`, with its manifest entry."""
     start = time.perf_counter()

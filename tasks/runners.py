@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import logging
 
+import dask
+
 from prefect.client.orchestration import get_client
 from prefect_dask import DaskTaskRunner
 
 from ctdiff.config import DaskConfig
+
+
+# Dask spawns workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap threshold
+# at 128 KiB: every DICOM member and slice buffer becomes a fresh mmap, and decoding runs ~2x
+# slower (benchmarks/RESULTS.md). A 16 MiB mmap threshold keeps them on the heap, trimming on.
+WORKER_PRESPAWN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 * 2**20)}
+
+
+def use_worker_prespawn_env() -> None:
+    """Set WORKER_PRESPAWN_ENV for Dask nannies created from now on in this process (they read
+    distributed.nanny.pre-spawn-environ when the cluster starts)."""
+    dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_PRESPAWN_ENV.items()})
 
 
 def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
@@ -16,6 +30,7 @@ def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
     One thread per worker: a case decode holds ~3x a case's HU in memory and is mostly
     single-threaded, so processes, not threads, add throughput.
     """
+    use_worker_prespawn_env()
     # Scheduler and nanny chatter drowns the task log at INFO; warnings still show.
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if config.address:
