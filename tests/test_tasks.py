@@ -36,7 +36,7 @@ def test_cache_key_follows_the_store(tmp_path):
     store.create()
     recorded = _Recorded()
     ctx = SimpleNamespace(result_store=recorded)
-    inputs = {"ref": ref.to_dict(), "store_path": str(store.path), "resolution": 8, "chunk_slices": 8, "level": 3}
+    inputs = {"ref": ref.to_dict(), "store_path": str(store.path), "resolution": 8, "chunk_slices": 8, "level": 1}
     decode_policy, resize_policy = StoreBackedCache(step="decode"), StoreBackedCache(step="resize")
 
     # First run: nothing anywhere, so the key is offered and the result will be cached under it.
@@ -44,9 +44,9 @@ def test_cache_key_follows_the_store(tmp_path):
     assert resize_policy.compute_key(ctx, inputs, {}) is None  # not decoded: no key
     decode_case(ref, store)
     resize_case(ref, store, 8)
-    recorded.keys |= {decode_key(ref), resize_key(store.native_key(ref.id), 8, 8, 3)}
+    recorded.keys |= {decode_key(ref), resize_key(store.native_key(ref.id), 8, 8, 1)}
     assert decode_policy.compute_key(ctx, inputs, {}) == decode_key(ref)
-    assert resize_policy.compute_key(ctx, inputs, {}) == resize_key(store.native_key(ref.id), 8, 8, 3)
+    assert resize_policy.compute_key(ctx, inputs, {}) == resize_key(store.native_key(ref.id), 8, 8, 1)
 
     # The output is deleted but its result is recorded: withhold the key so the step runs.
     shutil.rmtree(store.path / "cases" / ref.id)
