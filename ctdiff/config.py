@@ -85,10 +85,45 @@ class SynthConfig(_Section):
     compression: Literal["none", "deflate", "rle", "jpeg2000"] = "none"
 
 
+class VaeConfig(_Section):
+    preset: Literal["maisi-ct", "maisi-tiny", "slice-kl", "slice-kl-tiny"] = "slice-kl"
+    pretrained: Path | None = None  # local weights to adopt, e.g. NVIDIA MAISI's autoencoder.pt
+    allow_partial: bool = False  # load what fits and train the rest, instead of refusing
+    num_splits: int = Field(1, ge=1)  # maisi only: split convolutions along one axis to bound memory
+
+
+class TrainVaeConfig(_Section):
+    steps: int = Field(20000, ge=0)  # 0 adopts vae.pretrained as it is
+    batch_size: int = Field(4, ge=1)
+    patch_slices: int = Field(16, ge=1)  # patch depth; a multiple of the preset's depth factor
+    patch_size: int = Field(128, ge=8)  # patch height and width, a multiple of the in-plane factor
+    lr: float = Field(1e-4, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)  # small: latents stay informative, just regularised
+    adversarial_weight: float = Field(0.0, ge=0)  # PatchGAN (least squares); 0 turns it off
+    adversarial_start: int = Field(2000, ge=0)  # steps of plain reconstruction before the GAN joins
+    val_every: int = Field(500, ge=1)
+    val_cases: int = Field(4, ge=1)  # val-split cases reconstructed for PSNR/SSIM
+    checkpoint_every: int = Field(500, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if present, else cpu
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    grad_checkpointing: bool | None = None  # null: on for CUDA, off on CPU
+
+
+class EncodeConfig(_Section):
+    checkpoint: str = "best"  # best | last | a path to a VAE checkpoint
+    chunk_slices: int = Field(64, ge=1)  # depth of the chunks a volume is encoded in (bounds memory)
+    device: str = "auto"
+
+
 class Config(_Section):
     paths: PathsConfig = PathsConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     synth: SynthConfig = SynthConfig()
+    vae: VaeConfig = VaeConfig()
+    train_vae: TrainVaeConfig = TrainVaeConfig()
+    encode: EncodeConfig = EncodeConfig()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,0 +1,56 @@
+"""Checkpoints: atomic writes, `weights_only=True` loads, and the VAE built back from one.
+
+A checkpoint is a dict of tensors and plain Python values only (no pickled classes), so it
+loads with `torch.load(weights_only=True)`. It always carries the resolved config it was
+trained with, so a checkpoint alone is enough to rebuild its model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctdiff.autoencoder import CtAutoencoder
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """Content hash of a checkpoint's model weights: what keys caches built from it (latents)."""
+    payload = load_checkpoint(path)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(payload.get("preset")).encode())
+    for key, tensor in sorted(payload["model"].items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu") -> tuple[CtAutoencoder, dict[str, Any]]:
+    """The autoencoder of a VAE checkpoint, in eval mode on `device`, with the checkpoint dict."""
+    payload = load_checkpoint(path)
+    if payload.get("kind") != "vae":
+        raise ValueError(f"{path} is not a ctdiff VAE checkpoint (kind={payload.get('kind')!r})")
+    model = CtAutoencoder(payload["preset"])
+    model.net.load_state_dict(payload["model"])
+    return model.to(device).eval(), payload
