@@ -136,7 +136,7 @@ class CaseStore:
         for kind, volume in volumes.items():
             _write_volume(group, kind, volume, chunk_slices, level)
         group.attrs.update(attrs)  # last: staging content is complete from here on
-        _replace_dir(staging, self.path / level_name / case_id)
+        replace_dir(staging, self.path / level_name / case_id)
 
 
 def _write_volume(group: zarr.Group, kind: str, volume: Volume, chunk_slices: int, level: int) -> None:
@@ -178,7 +178,7 @@ def _read_volume(array: zarr.Array, z_slice: slice = slice(None)) -> Volume:
     )
 
 
-def _replace_dir(source: Path, target: Path) -> None:
+def replace_dir(source: Path, target: Path) -> None:
     """Move a finished directory into place; an older version is removed only after the move."""
     target.parent.mkdir(parents=True, exist_ok=True)
     old = None
@@ -188,3 +188,13 @@ def _replace_dir(source: Path, target: Path) -> None:
     os.rename(source, target)
     if old is not None:
         shutil.rmtree(old)
+
+
+def __getattr__(name: str):
+    # SPEC §3 names `ctdiff.store.LatentStore`; it lives in ctdiff.latents, which imports this
+    # module, so it is resolved lazily here instead of imported at the top.
+    if name == "LatentStore":
+        from ctdiff.latents import LatentStore
+
+        return LatentStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

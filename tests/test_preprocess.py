@@ -110,7 +110,7 @@ def test_case_killed_while_writing_is_redone(one_case, monkeypatch):
     def killed(*args, **kwargs):
         raise _Killed
 
-    monkeypatch.setattr(ctdiff.store, "_replace_dir", killed)
+    monkeypatch.setattr(ctdiff.store, "replace_dir", killed)
     with pytest.raises(_Killed):
         decode_case(ref, store)
     monkeypatch.undo()
