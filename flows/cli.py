@@ -16,6 +16,13 @@ from ctdiff.config import Config, ConfigError, load_config, require_input
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 EXIT_USAGE = 2
 
+FLOW_HELP = {
+    "preprocess": "DICOM cases under paths.input → case store",
+    "train-vae": "train (or resume, or adopt vae.pretrained) the autoencoder",
+    "encode-latents": "encode every ok case with the VAE into the latent cache",
+}
+DEMO_FLOWS = ("preprocess", "train-vae", "encode-latents")
+
 
 def _prefect_defaults() -> None:
     # Offline machines: telemetry only logs errors; the embedded server needs time on 2 cores.
@@ -48,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         synth.add_argument(flag, dest=key, type=kind, default=None, help=f"synth.{key}")
 
-    preprocess = commands.add_parser("preprocess", help="DICOM cases under paths.input → case store")
-    _add_config_options(preprocess)
+    for name, help_text in FLOW_HELP.items():
+        _add_config_options(commands.add_parser(name, help=help_text))
 
-    demo = commands.add_parser("demo", help="synthetic cases + preprocess on the CPU demo config")
+    demo = commands.add_parser("demo", help="synthetic cases + " + " + ".join(DEMO_FLOWS) + " on the CPU demo config")
     _add_config_options(demo, DEMO_CONFIG)
     return parser
 
@@ -70,11 +77,27 @@ def run_synth(config: Config, out: Path) -> list[Path]:
     return paths
 
 
-def run_preprocess(config_path: Path | None, overrides: list[str]) -> dict:
+def run_flow(name: str, config_path: Path | None, overrides: list[str]) -> dict:
+    """Run the flow called `name` in this process (embedded Prefect unless PREFECT_API_URL)."""
     _prefect_defaults()
+    from flows.encode_latents import encode_latents
     from flows.preprocess import preprocess
+    from flows.train_vae import train_vae
 
-    return preprocess(config=str(config_path) if config_path else None, overrides=overrides)
+    flows = {"preprocess": preprocess, "train-vae": train_vae, "encode-latents": encode_latents}
+    return flows[name](config=str(config_path) if config_path else None, overrides=overrides)
+
+
+def print_result(name: str, result: dict) -> None:
+    if name == "preprocess":
+        print_store_summary(Path(result["store"]))
+        if result["previews"]:
+            print(f"previews:   {Path(result['previews'][0]).parent}/ ({len(result['previews'])} PNG)")
+    elif name == "train-vae":
+        print(f"VAE at step {result['step']}: best val PSNR {result['best_val_psnr']:.2f} dB")
+        print(f"checkpoints: {result['best']} (best), {result['last']} (last); loss curve: {result['loss_plot']}")
+    elif name == "encode-latents":
+        print(f"latents of {result['cases']} cases: {result['latents']} (scale factor {result['scale_factor']:.4f})")
 
 
 def print_store_summary(store_path: Path) -> None:
@@ -92,6 +115,17 @@ def print_store_summary(store_path: Path) -> None:
     print(f"\ncase store: {store_path}")
 
 
+def check_pretrained(config: Config) -> None:
+    """Refuse, before any flow starts, weights that do not fit `vae.preset`."""
+    from ctdiff.autoencoder import CtAutoencoder
+    from ctdiff.pretrained import WeightsMismatch, load_pretrained
+
+    try:
+        load_pretrained(CtAutoencoder(config.vae.preset).net, config.vae.pretrained, config.vae.allow_partial)
+    except WeightsMismatch as error:
+        raise ConfigError(f"vae.pretrained: {error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -106,19 +140,22 @@ def main(argv: list[str] | None = None) -> int:
                 run_synth(config, input_dir)
             else:
                 print(f"using the cases already in {input_dir}")
-        require_input(config)
+        if args.command in ("preprocess", "demo"):
+            require_input(config)
+        if args.command in ("train-vae", "demo") and config.vae.pretrained is not None:
+            check_pretrained(config)
     except ConfigError as error:
         print(f"ctdiff: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        result = run_preprocess(args.config, args.overrides)
-    except (RuntimeError, ValueError) as error:
-        # The flow run's log above holds the details; end with one line, not a traceback.
-        print(f"ctdiff: {args.command} failed: {error}", file=sys.stderr)
-        return 1
-    print_store_summary(Path(result["store"]))
-    if result["previews"]:
-        print(f"previews:   {Path(result['previews'][0]).parent}/ ({len(result['previews'])} PNG)")
+    names = DEMO_FLOWS if args.command == "demo" else (args.command,)
+    for name in names:
+        try:
+            result = run_flow(name, args.config, args.overrides)
+        except (RuntimeError, ValueError) as error:
+            # The flow run's log above holds the details; end with one line, not a traceback.
+            print(f"ctdiff: {name} failed: {error}", file=sys.stderr)
+            return 1
+        print_result(name, result)
     return 0
 
 

@@ -30,6 +30,10 @@ class Progress:
             update_progress_artifact(self._artifact_id, progress=100.0 * self.done / self.total)
             self._last_update = now
 
+    def advance_to(self, done: int, **postfix: object) -> None:
+        """Set the absolute count (e.g. a training step, which may start past 0 on resume)."""
+        self.advance(done - self.done, **postfix)
+
     def __enter__(self) -> "Progress":
         return self
 

@@ -1,0 +1,84 @@
+"""Random training patches from the case store, windowed on read.
+
+Each patch reads only its slab (`store.read(..., z_slice=...)`), so memory stays at one patch
+per read whatever the volume size. Every random choice comes from one numpy Generator, so a
+sampler is deterministic given that generator's state, which training checkpoints save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ctdiff.store import CaseStore, Kind
+from ctdiff.windowing import apply_window
+
+# The VAE must reconstruct thin slices, but thick ones are its conditioning input later, so
+# the encoder sees both kinds.
+THICK_PROBABILITY = 0.5
+
+
+class PatchSampler:
+    """Random (patch_slices, patch_size, patch_size) crops of random cases, thin or thick.
+
+    A volume smaller than the patch along any axis is padded with 0, the window floor (air).
+    """
+
+    def __init__(
+        self,
+        store: CaseStore,
+        case_ids: Sequence[str],
+        window: tuple[float, float],
+        patch_slices: int,
+        patch_size: int,
+        rng: np.random.Generator,
+        thick_probability: float = THICK_PROBABILITY,
+    ):
+        if not case_ids:
+            raise ValueError(f"no cases to sample patches from in {store.path}; preprocess some first")
+        self.store = store
+        self.case_ids = list(case_ids)
+        self.center_hu, self.width_hu = window
+        self.patch_slices = patch_slices
+        self.patch_size = patch_size
+        self.rng = rng
+        self.thick_probability = thick_probability
+        # Depths per case and kind, from the manifest entries (a few numbers, not volumes).
+        self._depth: dict[tuple[str, Kind], int] = {}
+        for case_id in self.case_ids:
+            entry = store.entry(case_id)
+            if entry is None or entry.get("status") != "ok":
+                raise ValueError(f"case {case_id!r} is not an ok case of {store.path}")
+            self._depth[case_id, "thin"] = int(entry["n_thin"])
+            self._depth[case_id, "thick"] = int(entry["n_thick"])
+
+    def sample(self, batch_size: int) -> np.ndarray:
+        """(B, 1, patch_slices, patch_size, patch_size) float32 in [0, 1]."""
+        out = np.zeros((batch_size, 1, self.patch_slices, self.patch_size, self.patch_size), np.float32)
+        for b in range(batch_size):
+            out[b, 0] = self._patch()
+        return out
+
+    def _patch(self) -> np.ndarray:
+        case_id = self.case_ids[int(self.rng.integers(len(self.case_ids)))]
+        kind: Kind = "thick" if self.rng.random() < self.thick_probability else "thin"
+        depth = self._depth[case_id, kind]
+        z0 = int(self.rng.integers(max(depth - self.patch_slices, 0) + 1))
+        slab = self.store.read(case_id, kind, z_slice=slice(z0, z0 + self.patch_slices))
+        _, height, width = slab.shape
+        y0 = int(self.rng.integers(max(height - self.patch_size, 0) + 1))
+        x0 = int(self.rng.integers(max(width - self.patch_size, 0) + 1))
+        crop = slab.hu[:, y0 : y0 + self.patch_size, x0 : x0 + self.patch_size]
+        patch = np.zeros((self.patch_slices, self.patch_size, self.patch_size), np.float32)
+        d, h, w = crop.shape
+        patch[:d, :h, :w] = apply_window(crop, self.center_hu, self.width_hu)
+        return patch  # (patch_slices, patch_size, patch_size)
+
+    # -- resumable state ---------------------------------------------------------------------
+
+    def rng_state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state

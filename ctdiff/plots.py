@@ -1,0 +1,73 @@
+"""Training curves as a PNG, shared by the VAE and diffusion trainers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and pods
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_LOSS_KEYS = ("loss", "l1", "kl", "adv", "mse")  # plotted when a row holds them; others are ignored
+_METRIC_KEYS = (("val_psnr", "val PSNR (dB)"), ("val_ssim", "val SSIM"))
+
+
+def _series(history: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [(row["step"], row[key]) for row in history if row.get(key) is not None]
+    if not rows:
+        return np.empty(0), np.empty(0)
+    steps, values = zip(*rows)
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (shorter at the start), so noisy per-step losses read as a trend."""
+    if window <= 1 or len(values) < 2:
+        return values
+    cumsum = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (cumsum[1:] - cumsum[np.arange(1, len(values) + 1) - counts]) / counts
+
+
+def plot_training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Loss terms (left, log scale, smoothed) and validation metrics (right) against step.
+
+    `history` is a list of rows `{"step": int, <key>: float | None, ...}`; a key absent or None
+    in a row is simply not plotted there. Written atomically (temp file + rename).
+    """
+    path = Path(path)
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for key in _LOSS_KEYS:
+        steps, values = _series(history, key)
+        if len(values) and np.any(values > 0):
+            window = max(1, len(values) // 50)
+            ax_loss.plot(steps, _smooth(values, window), label=key if window == 1 else f"{key} (avg {window})")
+    if ax_loss.lines:
+        ax_loss.set_yscale("log")
+        ax_loss.legend()
+    ax_loss.set_xlabel("step")
+    ax_loss.set_title("training loss")
+    for i, (key, label) in enumerate(_METRIC_KEYS):
+        steps, values = _series(history, key)
+        if not len(values):
+            continue
+        ax = ax_val if i == 0 else ax_val.twinx()
+        ax.plot(steps, values, "o-", color=f"C{i}", label=label)
+        ax.set_ylabel(label, color=f"C{i}")
+    ax_val.set_xlabel("step")
+    ax_val.set_title("validation")
+    if title:
+        fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path

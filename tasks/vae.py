@@ -1,0 +1,139 @@
+"""Prefect tasks over the VAE: training (resumable) and the latent cache (per case, cached)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.context import TaskRunContext
+
+from ctdiff import latents
+from ctdiff.checkpoint import checkpoint_digest, load_vae
+from ctdiff.config import Config
+from ctdiff.devices import resolve_device
+from ctdiff.pretrained import WeightsMismatch
+from ctdiff.store import CaseStore
+from ctdiff.train_vae import train_vae
+from tasks.preprocess import is_transient
+from tasks.progress import Progress
+
+
+def _retry_training(task, task_run, state) -> bool:
+    """Retry crashes (lost GPU, OOM kill, I/O); a bad setting fails the same way every time."""
+    try:
+        state.result()
+    except (ValueError, WeightsMismatch):
+        return False
+    except Exception:  # noqa: BLE001 - anything else may pass on a second try, which resumes
+        return True
+    return False
+
+
+@task(name="train-vae", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_training)
+def train_vae_task(config: Config) -> dict:
+    """Train (or resume, or adopt pretrained weights); returns paths and the best val PSNR."""
+    out_dir = Path(config.paths.work) / "checkpoints" / "vae"
+    with Progress(config.train_vae.steps, "step", "train-vae") as bar:
+
+        def progress(info: dict) -> None:
+            postfix = {"loss": f"{info['loss']:.4f}"} if info.get("loss") is not None else {}
+            if info.get("val_psnr") is not None:
+                postfix["val_psnr"] = f"{info['val_psnr']:.2f}"
+            bar.advance_to(info["step"], **postfix)
+
+        summary = train_vae(CaseStore(config.paths.store), out_dir, config, progress)
+    summary = {k: str(v) if isinstance(v, Path) else v for k, v in summary.items()}
+    create_markdown_artifact(
+        key="train-vae",
+        markdown=(
+            f"**VAE `{config.vae.preset}`** at step {summary['step']}: best val PSNR "
+            f"{summary['best_val_psnr']:.2f} dB\n\n- best: `{summary['best']}`\n- last: `{summary['last']}`\n"
+            f"- loss curve: `{summary['loss_plot']}`"
+        ),
+    )
+    return summary
+
+
+@task(name="resolve-vae-checkpoint")
+def resolve_vae_checkpoint(config: Config) -> dict:
+    """The VAE checkpoint to encode with (`encode.checkpoint`: best | last | a path) and its digest."""
+    choice = config.encode.checkpoint
+    path = Path(choice) if choice not in ("best", "last") else Path(config.paths.work) / "checkpoints" / "vae" / f"{choice}.pt"
+    if not path.is_file():
+        raise ValueError(f"encode.checkpoint: no VAE checkpoint at {path}; run `ctdiff train-vae` first")
+    return {"path": str(path), "digest": checkpoint_digest(path)}
+
+
+@lru_cache(maxsize=2)
+def _model(path: str, digest: str, device: str):
+    # One load per worker process and checkpoint, not one per case.
+    return load_vae(path, device)[0]
+
+
+@dataclass
+class LatentCache(CachePolicy):
+    """Key = the case store entry's key + VAE digest + window + chunking, offered while the
+    latent store holds that output or nothing is recorded under it (see tasks.preprocess)."""
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        case_key = CaseStore(inputs["store_path"]).case_key(inputs["case_id"])
+        key = latents.latent_key(case_key, inputs["vae"]["digest"], inputs["window"], inputs["chunk_slices"])
+        store = latents.LatentStore(Path(inputs["latent_root"]), inputs["vae"]["digest"])
+        if store.case_key(inputs["case_id"]) == key:
+            return key
+        return None if task_ctx.result_store.exists(key) else key
+
+
+@task(
+    name="encode-case",
+    task_run_name="encode-{case_id}",
+    cache_policy=LatentCache(),
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=is_transient,
+    persist_result=True,
+)
+def encode_case(
+    case_id: str, store_path: str, latent_root: str, vae: dict, window: list[float], chunk_slices: int, device: str
+) -> dict:
+    case_store = CaseStore(store_path)
+    key = latents.latent_key(case_store.case_key(case_id), vae["digest"], window, chunk_slices)
+    model = _model(vae["path"], vae["digest"], device)
+    latent_store = latents.LatentStore(Path(latent_root), vae["digest"])
+    return latents.encode_case(case_store, case_id, model, latent_store, tuple(window), chunk_slices, device, key)
+
+
+@task(name="prepare-latent-store")
+def prepare_latent_store(latent_root: str, vae: dict, window: list[float]) -> None:
+    """Create the latent store for this checkpoint (or reset it for a new window), clear staging."""
+    model = _model(vae["path"], vae["digest"], "cpu")
+    latents.LatentStore(Path(latent_root), vae["digest"]).create(model.preset_name, model.factors, window)
+
+
+@task(name="scale-factor")
+def scale_factor(latent_root: str, vae: dict, train_ids: list[str]) -> float:
+    """1/std of the train cases' thin latents, recorded in the latent store."""
+    store = latents.LatentStore(Path(latent_root), vae["digest"])
+    value = latents.compute_scale_factor(store, train_ids)
+    store.set_scale_factor(value)
+    return value
+
+
+@task(name="report-latents")
+def report_latents(summaries: list[dict], latent_dir: str, scale: float) -> None:
+    create_table_artifact(key="encode-latents", table=summaries, description=f"Latents in {latent_dir}")
+    create_markdown_artifact(
+        key="encode-latents-summary",
+        markdown=f"**{len(summaries)} cases** encoded in `{latent_dir}`; scale factor {scale:.4f}",
+    )
+
+
+def device_name(setting: str) -> str:
+    return str(resolve_device(setting))

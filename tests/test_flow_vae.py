@@ -1,0 +1,82 @@
+"""`train-vae` and `encode-latents` end to end on a tiny synthetic store."""
+
+import numpy as np
+import pytest
+import torch
+
+from ctdiff.autoencoder import CtAutoencoder
+from ctdiff.cases import discover_cases
+from ctdiff.checkpoint import checkpoint_digest, load_checkpoint, load_vae
+from ctdiff.latents import LatentStore, encode_volume
+from ctdiff.preprocess import decode_case, resize_case
+from ctdiff.store import CaseStore
+from ctdiff.synth import SynthSpec, synthesize
+from flows.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae")
+    synthesize(root / "cases", SynthSpec(n_cases=3, size=32, n_thin=20, seed=5))
+    store = CaseStore(root / "store.zarr")
+    store.create()
+    refs = discover_cases(root / "cases")
+    for ref in refs:
+        decode_case(ref, store)
+        resize_case(ref, store, None)
+    store.set_splits({refs[0].id: "train", refs[1].id: "train", refs[2].id: "val"})
+    return root / "store.zarr"
+
+
+def _overrides(store_path, work):
+    return [
+        f"paths.store={store_path}", f"paths.work={work}", "vae.preset=slice-kl-tiny",
+        "train_vae.steps=6", "train_vae.patch_slices=4", "train_vae.patch_size=32", "train_vae.batch_size=2",
+        "train_vae.val_every=3", "train_vae.checkpoint_every=3", "train_vae.val_cases=1", "train_vae.device=cpu",
+        "encode.chunk_slices=8", "encode.device=cpu",
+    ]
+
+
+def test_train_then_encode(store_path, tmp_path, prefect_harness):
+    from flows.encode_latents import encode_latents
+    from flows.train_vae import train_vae
+
+    overrides = _overrides(store_path, tmp_path / "work")
+    trained = train_vae(config=None, overrides=overrides)
+    assert trained["step"] == 6
+    last = tmp_path / "work" / "checkpoints" / "vae" / "last.pt"
+    assert load_checkpoint(last)["step"] == 6
+
+    encoded = encode_latents(config=None, overrides=overrides)
+    assert encoded["cases"] == 3
+    digest = checkpoint_digest(tmp_path / "work" / "checkpoints" / "vae" / "best.pt")
+    latents = LatentStore(tmp_path / "work" / "latents", digest)
+    assert sorted(latents.ids()) == sorted(CaseStore(store_path).ids())
+    assert latents.scale_factor == pytest.approx(encoded["scale_factor"]) and latents.scale_factor > 0
+
+    # The cache holds the posterior mean of the windowed volume, as an independent call gives it.
+    model, _ = load_vae(tmp_path / "work" / "checkpoints" / "vae" / "best.pt")
+    case_id = CaseStore(store_path).ids()[0]
+    thin = CaseStore(store_path).read(case_id, "thin").window(40, 400)
+    with torch.no_grad():
+        mean, _ = model.encode(torch.from_numpy(thin)[None, None])
+    np.testing.assert_allclose(latents.read(case_id, "thin"), mean[0].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(encode_volume(model, thin, 8, "cpu"), mean[0].numpy(), rtol=1e-5, atol=1e-5)
+
+    # A re-run encodes nothing: every case is served from the cache and no file is rewritten.
+    before = {p: p.stat().st_mtime_ns for p in (latents.path / "cases").rglob("zarr.json")}
+    assert len(before) >= 3 * 3  # a group and two arrays per case
+    assert encode_latents(config=None, overrides=overrides)["cases"] == 3
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_cli_refuses_mismatched_pretrained_weights(store_path, tmp_path, capsys):
+    wrong = tmp_path / "autoencoder.pt"
+    torch.save(CtAutoencoder("slice-kl-tiny").net.state_dict(), wrong)
+    argv = ["train-vae", "--set", f"paths.store={store_path}", "--set", "vae.preset=maisi-tiny",
+            "--set", f"vae.pretrained={wrong}", "--set", "train_vae.steps=0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ctdiff: error: vae.pretrained:") and "\n" not in err
