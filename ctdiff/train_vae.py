@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
@@ -32,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ctdiff.autoencoder import CtAutoencoder, kl_loss
 from ctdiff.checkpoint import load_checkpoint, save_checkpoint
 from ctdiff.config import Config
+from ctdiff.latents import decode_latents, encode_volume
 from ctdiff.patches import PatchSampler
 from ctdiff.plots import plot_training_curves
 from ctdiff.pretrained import load_pretrained
@@ -238,21 +238,13 @@ def reconstruct_volume(
 ) -> np.ndarray:
     """Posterior-mean reconstruction of a windowed (D, H, W) volume, clipped to [0, 1].
 
-    The volume is edge-padded to multiples of the model's factors and run in depth chunks of
-    a multiple of the depth factor (bounding memory), then cropped back to (D, H, W).
+    Encoded and decoded in depth chunks exactly as the latent cache does it (ctdiff.latents),
+    so validation measures what the diffusion model will be trained on.
     """
-    fz, fy, fx = model.factors
-    depth, height, width = volume.shape
-    x = torch.from_numpy(volume)[None, None]  # (1, 1, D, H, W)
-    pad = (0, -width % fx, 0, -height % fy, 0, -depth % fz)
-    x = F.pad(x, pad, mode="replicate") if any(pad) else x
-    chunk = max(fz, chunk_slices // fz * fz)
-    out = []
-    for z0 in range(0, x.shape[2], chunk):
-        with autocast:
-            mu, _ = model.encode(x[:, :, z0 : z0 + chunk].to(device))
-            out.append(model.decode(mu).float().clamp_(0.0, 1.0).cpu())  # (1, 1, chunk, H', W')
-    return torch.cat(out, dim=2)[0, 0, :depth, :height, :width].numpy()
+    with autocast:
+        z = encode_volume(model, volume, chunk_slices, device)  # (C, d, h, w)
+        recon = decode_latents(model, z, volume.shape, chunk_slices, device)  # (D, H, W)
+    return np.clip(recon, 0.0, 1.0)
 
 
 @torch.no_grad()
