@@ -117,6 +117,46 @@ class EncodeConfig(_Section):
     device: str = "auto"
 
 
+class DiffusionConfig(_Section):
+    preset: Literal["tiny", "full"] = "full"  # DiffusionModelUNet size: tiny for CPU tests/demo
+    sampler: Literal["ddim", "rflow"] = "rflow"  # DDPM-trained + DDIM sampling, or rectified flow
+    prediction: Literal["epsilon", "v_prediction"] = "v_prediction"  # ddim only; rflow predicts velocity
+    train_timesteps: int = Field(1000, ge=2)  # training noise levels (DDPM) / time discretisation (rflow)
+    sample_steps: int = Field(20, ge=1)  # DDIM steps or Euler steps at inference
+    min_snr_gamma: float | None = Field(5.0, gt=0)  # ddim only: min-SNR-γ loss weights; null = plain MSE
+    window_slices: int = Field(32, ge=1)  # thin latent slices seen at once (training and inference)
+    overlap_slices: int = Field(8, ge=0)  # inference: latent slices shared by neighbouring windows
+
+
+class TrainDiffusionConfig(_Section):
+    steps: int = Field(20000, ge=0)
+    batch_size: int = Field(2, ge=1)
+    latent_patch: int | None = Field(None, ge=4)  # in-plane crop of the latents; null = whole slices
+    lr: float = Field(1e-4, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # EMA weights are what validation, best.pt and infer use
+    grad_clip: float = Field(1.0, gt=0)
+    val_every: int = Field(1000, ge=1)
+    val_cases: int = Field(2, ge=1)  # val-split cases sampled in full for PSNR/SSIM
+    checkpoint_every: int = Field(500, ge=1)
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+
+
+class EvaluateConfig(_Section):
+    checkpoints: list[str] = []  # diffusion checkpoints to score; empty = the newest under checkpoints/diffusion
+    split: Literal["train", "val", "test"] = "test"
+    cases: list[str] | None = None  # named cases instead of a split
+    seed: int = 0  # sampling noise: the same checkpoint and seed give the same numbers
+    device: str = "auto"
+
+
+class InferConfig(_Section):
+    seed: int = 0
+    device: str = "auto"
+    sample_steps: int | None = Field(None, ge=1)  # null: the checkpoint's diffusion.sample_steps
+
+
 class Config(_Section):
     paths: PathsConfig = PathsConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -124,6 +164,10 @@ class Config(_Section):
     vae: VaeConfig = VaeConfig()
     train_vae: TrainVaeConfig = TrainVaeConfig()
     encode: EncodeConfig = EncodeConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train_diffusion: TrainDiffusionConfig = TrainDiffusionConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    infer: InferConfig = InferConfig()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

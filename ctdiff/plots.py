@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; no display on servers and pods
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-_LOSS_KEYS = ("loss", "l1", "kl", "adv", "mse")  # plotted when a row holds them; others are ignored
+_LOSS_KEYS = ("loss", "l1", "kl", "adv", "disc", "mse")  # plotted when a row holds them; others are ignored
 _METRIC_KEYS = (("val_psnr", "val PSNR (dB)"), ("val_ssim", "val SSIM"))
 
 

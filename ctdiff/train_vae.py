@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ctdiff.autoencoder import CtAutoencoder, kl_loss
 from ctdiff.checkpoint import load_checkpoint, save_checkpoint
-from ctdiff.config import Config
+from ctdiff.config import Config, TrainVaeConfig
 from ctdiff.latents import decode_latents, encode_volume
 from ctdiff.patches import PatchSampler
 from ctdiff.plots import plot_training_curves
@@ -73,7 +73,11 @@ def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progres
     if resume is None and vc.pretrained is not None:
         pretrained = load_pretrained(model.net, vc.pretrained, vc.allow_partial).summary()
     model.to(device)
-    disc = _build_discriminator(vc.preset, model.preset.kind).to(device) if tc.adversarial_weight > 0 else None
+    disc = None
+    if tc.adversarial_weight > 0:  # own seed: turning the GAN on leaves the VAE's noise draws as they were
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(tc.seed + 1)
+            disc = _build_discriminator(vc.preset, model.preset.kind).to(device)
     opt = torch.optim.AdamW(model.net.parameters(), lr=tc.lr)
     disc_opt = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(0.5, 0.999)) if disc is not None else None
     window = (config.preprocess.window.center_hu, config.preprocess.window.width_hu)
@@ -168,7 +172,7 @@ def _summary(paths: dict, step: int, best_psnr: float, pretrained: str | None, r
 
 def _train_step(
     model: nn.Module, discs: tuple[nn.Module, nn.Module] | None, opt: torch.optim.Optimizer,
-    disc_opt: torch.optim.Optimizer | None, adv_loss: PatchAdversarialLoss, x: torch.Tensor, tc,
+    disc_opt: torch.optim.Optimizer | None, adv_loss: PatchAdversarialLoss, x: torch.Tensor, tc: TrainVaeConfig,
     autocast: contextlib.AbstractContextManager,
 ) -> dict:
     """One optimiser step of the VAE, and of the discriminator when `discs` (plain, as trained:
