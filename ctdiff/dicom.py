@@ -2,16 +2,18 @@
 
 Series are told apart by DICOM content only (section 2 of the spec): members are grouped by
 SeriesInstanceUID and in-plane geometry, slices are ordered by ImagePositionPatient projected on
-the slice normal, and the pair is chosen by slice spacing. Scouts, dose reports, other
-modalities and non-DICOM files are ignored. UIDs stay in memory; no header value reaches an
-error reason.
+the slice normal, and the pair is chosen by slice spacing (`read_series` picks one series alone,
+for inference). Scouts, dose reports, other modalities and non-DICOM files are ignored. UIDs
+stay in memory; no header value reaches an error reason.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pydicom
@@ -38,6 +40,16 @@ class CasePair:
     thin: Volume
     n_files: int
     n_ignored: int  # not DICOM, not an axial CT image, or in a series other than the pair
+
+
+@dataclass(frozen=True)
+class SeriesRead:
+    """One series of a case, with the header of its first slice to derive a new series from."""
+
+    volume: Volume
+    header: Dataset  # lowest slice, no pixel data; holds patient data: never log or store it
+    n_files: int
+    n_ignored: int  # everything but the chosen series' slices
 
 
 @dataclass
@@ -84,18 +96,9 @@ def read_case(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> CasePair:
     Raises `CaseError` with a manifest-ready reason when the archive is unsafe or corrupt, when
     no thick/thin pair can be found, or when a chosen series is incomplete or undecodable.
     """
-    groups: dict[tuple, _Series] = {}
-    n_files = 0
-    for data in iter_members(Path(path), limits):
-        n_files += 1
-        _add_member(groups, data)
-
-    series = [s for s in groups.values() if len(s.slices) >= 2]
-    for s in series:
-        s.sort()
+    series, n_files = _group(path, limits)
     thick, thin = _choose_pair(series)
-    groups.clear()  # the other series' pixel bytes can go before decoding
-    series.clear()
+    series.clear()  # the other series' pixel bytes can go before decoding
     for role, s in (("thick", thick), ("thin", thin)):
         _check_positions(s, role)
     return CasePair(
@@ -104,6 +107,59 @@ def read_case(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> CasePair:
         n_files=n_files,
         n_ignored=n_files - len(thick.slices) - len(thin.slices),
     )
+
+
+def read_series(
+    path: Path,
+    choose: Literal["thickest", "thinnest"] = "thickest",
+    limits: ArchiveLimits = ArchiveLimits(),
+) -> SeriesRead:
+    """Read one axial CT series of a case: the one with the largest (or smallest) slice spacing.
+
+    Series are grouped and checked as in `read_case` (same `CaseError` reasons, the series named
+    "thick" or "thin" in them); no partner series is needed. Used by inference, whose input may
+    hold only the thick series.
+    """
+    roles = {"thickest": "thick", "thinnest": "thin"}
+    if choose not in roles:
+        raise ValueError(f"choose={choose!r}: use 'thickest' or 'thinnest'")
+    series, n_files = _group(path, limits)
+    if not series:
+        raise CaseError("no axial CT series")
+    chosen = _thickest(series) if choose == "thickest" else _thinnest(series)
+    series.clear()
+    _check_positions(chosen, roles[choose])
+    header = _header(chosen.slices[0].ds)
+    return SeriesRead(
+        volume=_decode(chosen, roles[choose]),
+        header=header,
+        n_files=n_files,
+        n_ignored=n_files - len(chosen.slices),
+    )
+
+
+def _group(path: Path, limits: ArchiveLimits) -> tuple[list[_Series], int]:
+    """Every axial CT series of at least two slices, sorted along its normal; and the file count."""
+    groups: dict[tuple, _Series] = {}
+    n_files = 0
+    for data in iter_members(Path(path), limits):
+        n_files += 1
+        _add_member(groups, data)
+    series = [s for s in groups.values() if len(s.slices) >= 2]
+    for s in series:
+        s.sort()
+    return series, n_files
+
+
+def _header(ds: Dataset | None) -> Dataset:
+    """A copy of one slice's header (file meta included) without its pixel data."""
+    assert ds is not None, "the header is taken before the slice is decoded"
+    header = Dataset()
+    for elem in ds:
+        if elem.tag.group != 0x7FE0:  # (7FE0,xxxx): pixel data, float and double pixel data
+            header.add(copy.deepcopy(elem))
+    header.file_meta = copy.deepcopy(ds.file_meta)
+    return header
 
 
 def _add_member(groups: dict[tuple, _Series], data: bytes) -> None:
@@ -176,12 +232,8 @@ def _choose_pair(series: list[_Series]) -> tuple[_Series, _Series]:
     """Thick = the largest spacing; thin = the smallest spacing overlapping it in z."""
     if not series:
         raise CaseError("no axial CT series")
-
-    def most_slices(s: _Series) -> tuple:
-        return (-len(s.slices), s.order)
-
+    thick = _thickest(series)
     max_dz = max(s.dz_mm for s in series)
-    thick = min((s for s in series if s.dz_mm >= max_dz * (1 - SAME_SPACING)), key=most_slices)
     thinner = [s for s in series if s.dz_mm < thick.dz_mm * (1 - SAME_SPACING)]
     if not thinner:
         if len(series) == 1:
@@ -195,11 +247,27 @@ def _choose_pair(series: list[_Series]) -> tuple[_Series, _Series]:
     min_dz = min(s.dz_mm for s in candidates)
     thin = min(
         (s for s in candidates if s.dz_mm <= min_dz * (1 + SAME_SPACING)),
-        key=lambda s: (not s.same_grid(thick), *most_slices(s)),
+        key=lambda s: (not s.same_grid(thick), *_most_slices(s)),
     )
     if not thin.same_grid(thick):
         raise CaseError("thick and thin series differ in in-plane grid")
     return thick, thin
+
+
+def _most_slices(s: _Series) -> tuple:
+    return (-len(s.slices), s.order)
+
+
+def _thickest(series: list[_Series]) -> _Series:
+    """The series of the largest spacing class; the one with most slices among equals."""
+    max_dz = max(s.dz_mm for s in series)
+    return min((s for s in series if s.dz_mm >= max_dz * (1 - SAME_SPACING)), key=_most_slices)
+
+
+def _thinnest(series: list[_Series]) -> _Series:
+    """The series of the smallest spacing class; the one with most slices among equals."""
+    min_dz = min(s.dz_mm for s in series)
+    return min((s for s in series if s.dz_mm <= min_dz * (1 + SAME_SPACING)), key=_most_slices)
 
 
 def _check_positions(s: _Series, role: str) -> None:

@@ -19,17 +19,7 @@ from prefect.context import TaskRunContext
 from ctdiff import preprocess
 from ctdiff.cases import CaseRef, assign_splits, discover_cases
 from ctdiff.store import CaseStore
-
-
-def is_transient(task, task_run, state) -> bool:
-    """Retry I/O failures (network filesystems, evicted volumes); bad data is quarantined."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except Exception:  # noqa: BLE001 - anything else is not worth retrying
-        return False
-    return False
+from tasks.training import is_transient
 
 
 @dataclass

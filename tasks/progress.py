@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tqdm import tqdm
@@ -39,3 +40,15 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self._bar.close()
+
+
+def training_reporter(bar: Progress) -> Callable[[dict], None]:
+    """The progress callback of ctdiff's training loops: step, loss and latest val PSNR on `bar`."""
+
+    def report(info: dict) -> None:
+        postfix = {"loss": f"{info['loss']:.4f}"} if info.get("loss") is not None else {}
+        if info.get("val_psnr") is not None:
+            postfix["val_psnr"] = f"{info['val_psnr']:.2f}"
+        bar.advance_to(info["step"], **postfix)
+
+    return report

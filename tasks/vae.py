@@ -9,44 +9,72 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
 from ctdiff import latents
 from ctdiff.checkpoint import checkpoint_digest, load_vae
 from ctdiff.config import Config
 from ctdiff.devices import resolve_device
-from ctdiff.pretrained import WeightsMismatch
+from ctdiff.fingerprint import code_version, file_digest
 from ctdiff.store import CaseStore
 from ctdiff.train_vae import train_vae
-from tasks.preprocess import is_transient
-from tasks.progress import Progress
+from tasks.progress import Progress, training_reporter
+from tasks.training import (
+    KeyedCache,
+    TrainingCache,
+    file_state_key,
+    finished_checkpoint,
+    is_transient,
+    retry_training,
+    training_key,
+)
 
 
-def _retry_training(task, task_run, state) -> bool:
-    """Retry crashes (lost GPU, OOM kill, I/O); a bad setting fails the same way every time."""
-    try:
-        state.result()
-    except (ValueError, WeightsMismatch):
-        return False
-    except Exception:  # noqa: BLE001 - anything else may pass on a second try, which resumes
-        return True
-    return False
+def _vae_dir(config: Config) -> Path:
+    return Path(config.paths.work) / "checkpoints" / "vae"
 
 
-@task(name="train-vae", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_training)
+def _vae_training_key(inputs: dict[str, Any]) -> str:
+    config: Config = inputs["config"]
+    store = CaseStore(config.paths.store)
+    data = {split: [store.case_key(i) for i in store.ids(split=split)] for split in ("train", "val")}
+    sections = {
+        "vae": config.vae.model_dump(mode="json"),
+        "train_vae": config.train_vae.model_dump(mode="json"),
+        "window": config.preprocess.window.as_pair(),
+        "pretrained": file_digest(config.vae.pretrained) if config.vae.pretrained else None,
+    }
+    return training_key("vae", sections, data, _vae_code_version())
+
+
+@lru_cache(maxsize=1)
+def _vae_code_version() -> str:
+    import ctdiff.autoencoder
+    import ctdiff.patches
+    import ctdiff.train_vae
+
+    return code_version(ctdiff.autoencoder, ctdiff.patches, ctdiff.train_vae)
+
+
+def _vae_finished(inputs: dict[str, Any]) -> bool:
+    config: Config = inputs["config"]
+    return finished_checkpoint(_vae_dir(config) / "last.pt", config.train_vae.steps)
+
+
+@task(
+    name="train-vae",
+    cache_policy=TrainingCache(key_fn=_vae_training_key, done_fn=_vae_finished),
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_training,
+    persist_result=True,
+)
 def train_vae_task(config: Config) -> dict:
     """Train (or resume, or adopt pretrained weights); returns paths and the best val PSNR."""
-    out_dir = Path(config.paths.work) / "checkpoints" / "vae"
+    out_dir = _vae_dir(config)
     with Progress(config.train_vae.steps, "step", "train-vae") as bar:
-
-        def progress(info: dict) -> None:
-            postfix = {"loss": f"{info['loss']:.4f}"} if info.get("loss") is not None else {}
-            if info.get("val_psnr") is not None:
-                postfix["val_psnr"] = f"{info['val_psnr']:.2f}"
-            bar.advance_to(info["step"], **postfix)
-
-        summary = train_vae(CaseStore(config.paths.store), out_dir, config, progress)
+        summary = train_vae(CaseStore(config.paths.store), out_dir, config, training_reporter(bar))
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in summary.items()}
     create_markdown_artifact(
         key="train-vae",
@@ -59,11 +87,19 @@ def train_vae_task(config: Config) -> dict:
     return summary
 
 
-@task(name="resolve-vae-checkpoint")
+def _vae_checkpoint_path(config: Config) -> Path:
+    choice = config.encode.checkpoint
+    return _vae_dir(config) / f"{choice}.pt" if choice in ("best", "last") else Path(choice)
+
+
+@task(
+    name="resolve-vae-checkpoint",
+    cache_policy=KeyedCache(key_fn=lambda inputs: file_state_key("vae", _vae_checkpoint_path(inputs["config"]))),
+    persist_result=True,
+)
 def resolve_vae_checkpoint(config: Config) -> dict:
     """The VAE checkpoint to encode with (`encode.checkpoint`: best | last | a path) and its digest."""
-    choice = config.encode.checkpoint
-    path = Path(choice) if choice not in ("best", "last") else Path(config.paths.work) / "checkpoints" / "vae" / f"{choice}.pt"
+    path = _vae_checkpoint_path(config)
     if not path.is_file():
         raise ValueError(f"encode.checkpoint: no VAE checkpoint at {path}; run `ctdiff train-vae` first")
     return {"path": str(path), "digest": checkpoint_digest(path)}

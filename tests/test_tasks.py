@@ -9,7 +9,8 @@ from ctdiff.cases import discover_cases
 from ctdiff.preprocess import decode_case, decode_key, resize_case, resize_key
 from ctdiff.store import CaseStore
 from ctdiff.synth import SynthSpec, synthesize
-from tasks.preprocess import StoreBackedCache, is_transient
+from tasks.preprocess import StoreBackedCache
+from tasks.training import is_transient
 
 
 def test_only_io_errors_are_retried():

@@ -1,0 +1,238 @@
+"""Inference on one case or a folder of cases: thick CT in, thin CT out, full HU range kept.
+
+The model only sees (and predicts) the intensity window; outside it, the thin volume takes the
+cubic interpolation of the thick HU, so air, lung and bone keep their values. A predictor is any
+callable with the `Predictor` signature, so the flow can pass the diffusion sampler and tests a
+plain interpolation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ctdiff.cases import UNCATEGORIZED, CaseRef, _case_id
+from ctdiff.dicom import AIR_HU
+from ctdiff.errors import CaseError
+from ctdiff.infer_io import OutputFormat, output_format, read_thick, write_output
+from ctdiff.interpolate import interpolate_z, thin_positions
+from ctdiff.nifti import directions, is_nifti_path
+from ctdiff.volume import Volume
+from ctdiff.windowing import invert_window
+
+# (thick windowed (D, H, W) float32 in [0, 1], thick z_mm (D,), thin z_mm (N,))
+#   -> thin windowed (N, H, W) float32 in [0, 1]
+Predictor = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# Called with {"stage": "read" | "predict" | "write", ...} by infer_case and with
+# {"done", "total", "id", "status"} after each case by infer_batch.
+Progress = Callable[[dict], None]
+
+# Model and cubic HU are blended over this fraction of the window width inside each window edge
+# (smoothstep weight on the cubic HU), so no seam shows where the window ends and the model's
+# output, saturated at the edges, never decides there.
+EDGE_BAND = 0.1
+_MERGE_SLICES = 16  # slices merged at once: bounds the float32 temporaries
+_INT16_MAX = np.iinfo(np.int16).max
+
+
+def merge_hu(pred: np.ndarray, cubic_hu: np.ndarray, center_hu: float, width_hu: float) -> np.ndarray:
+    """int16 HU: the model's (pred × width + lower) well inside the window, the cubic HU outside.
+
+    Weight of the model = smoothstep(t), t = (distance of the cubic HU inside the nearer window
+    edge) / (EDGE_BAND × width), clipped to [0, 1]. Values below air are clipped to air, as the
+    readers do (cubic splines overshoot at sharp edges).
+    """
+    if pred.shape != cubic_hu.shape:
+        raise ValueError(f"prediction {pred.shape} and cubic {cubic_hu.shape} differ in shape")
+    lower_hu, upper_hu = center_hu - width_hu / 2, center_hu + width_hu / 2
+    band_hu = EDGE_BAND * width_hu
+    out = np.empty(pred.shape, dtype=np.int16)
+    for start in range(0, pred.shape[0], _MERGE_SLICES):
+        block = slice(start, start + _MERGE_SLICES)
+        model = invert_window(pred[block], center_hu, width_hu)  # (n, H, W)
+        cubic = cubic_hu[block].astype(np.float32, copy=False)
+        t = np.clip(np.minimum(cubic - lower_hu, upper_hu - cubic) / band_hu, 0.0, 1.0)
+        weight = t * t * (3 - 2 * t)
+        hu = cubic + weight * (model - cubic)
+        out[block] = np.clip(np.rint(hu), AIR_HU, _INT16_MAX)
+    return out
+
+
+def infer_case(
+    input_path: str | Path,
+    output_path: str | Path,
+    predictor: Predictor,
+    window: tuple[float, float],
+    thin_mm: float,
+    progress: Progress | None = None,
+) -> dict:
+    """Thin volume from the thick one at `input_path`, written to `output_path`.
+
+    `window` is (center_hu, width_hu). The output has `thin_mm` spacing over the thick slabs'
+    extent (`thin_positions`), the input's orientation, and its origin at the first thin slice.
+    Returns a summary free of patient data. A bad input raises `CaseError`; bad settings or
+    a predictor output of the wrong shape raise `ValueError`.
+    """
+    started = time.perf_counter()
+    center_hu, width_hu = _check_window(window)
+    if not thin_mm > 0:
+        raise ValueError(f"thin_mm must be positive, got {thin_mm}")
+    fmt = output_format(output_path)  # before any work: a bad output path fails fast
+    report = progress or (lambda info: None)
+
+    report({"stage": "read"})
+    thick = read_thick(input_path)
+    volume = thick.volume
+    thick_mm = volume.spacing_mm[0]
+    if thin_mm >= thick_mm:
+        raise CaseError(f"input slices ({thick_mm:.2f} mm) are not thicker than {thin_mm:g} mm")
+    thin_z = thin_positions(volume.z_mm, thick_mm, thin_mm)  # (N,)
+
+    report({"stage": "predict", "n_thick": volume.shape[0], "n_thin": thin_z.size})
+    pred = _predict(predictor, volume, thin_z, center_hu, width_hu)  # (N, H, W)
+    cubic_hu = interpolate_z(volume.hu, volume.z_mm, thin_z, "cubic")  # (N, H, W)
+    hu = merge_hu(pred, cubic_hu, center_hu, width_hu)
+    del pred, cubic_hu
+
+    _, _, normal = directions(volume.orientation)
+    origin = np.asarray(volume.origin_mm) + normal * (thin_z[0] - volume.z_mm[0])
+    thin = Volume(
+        hu=hu,
+        spacing_mm=(float(thin_mm), *volume.spacing_mm[1:]),
+        z_mm=thin_z,
+        orientation=volume.orientation,
+        origin_mm=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+    )
+    report({"stage": "write"})
+    write_output(thin, thick.template, output_path)
+    return {
+        "input": str(input_path),
+        "output": str(output_path),
+        "format": fmt,
+        "source": thick.source,
+        "n_thick": volume.shape[0],
+        "n_thin": thin.shape[0],
+        "thick_mm": round(float(thick_mm), 4),
+        "thin_mm": float(thin_mm),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def infer_batch(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    predictor: Predictor,
+    window: tuple[float, float],
+    thin_mm: float,
+    fmt: OutputFormat = "nifti",
+    progress: Progress | None = None,
+) -> list[dict]:
+    """`infer_case` on every case under `input_dir`: output_dir/<id>.nii.gz or output_dir/<id>/.
+
+    A case that fails on its data gets status "failed" and its reason; the others are still
+    done. Each entry has id, category, input, output, status ("ok" | "failed") and reason.
+    """
+    if fmt not in ("nifti", "dicom"):
+        raise ValueError(f"fmt={fmt!r}: use 'nifti' or 'dicom'")
+    refs = discover_inputs(input_dir)
+    if not refs:
+        raise ValueError("no cases (ZIP, DICOM folder, .nii or .nii.gz) found in the input folder")
+    output_dir = Path(output_dir)
+    outputs = [output_dir / (f"{ref.id}.nii.gz" if fmt == "nifti" else ref.id) for ref in refs]
+    for out in outputs:
+        output_format(out)  # refuse a non-empty foreign folder before hours of sampling
+    results = []
+    for k, (ref, out) in enumerate(zip(refs, outputs)):
+        entry = {"id": ref.id, "category": ref.category, "input": ref.path}
+        try:
+            summary = infer_case(ref.path, out, predictor, window, thin_mm)
+            entry.update(summary, status="ok", reason=None)
+        except CaseError as exc:
+            entry.update(output=None, status="failed", reason=exc.reason)
+        results.append(entry)
+        if progress is not None:
+            progress({"done": k + 1, "total": len(refs), "id": ref.id, "status": entry["status"]})
+    return results
+
+
+def discover_inputs(input_dir: str | Path) -> list[CaseRef]:
+    """Cases as `ctdiff.cases.discover_cases` finds them, plus .nii/.nii.gz files.
+
+    `<input>/<case>`, or `<input>/<category>/<case>`, where a case is a ZIP, a NIfTI file or a
+    DICOM folder. A top-level folder holding files other than cases is itself a DICOM case.
+    Ids come from file names (NIfTI suffixes dropped) and must be unique.
+    """
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise ValueError("the input folder does not exist")
+    refs: list[CaseRef] = []
+
+    def add(path: Path, category: str) -> None:
+        refs.append(CaseRef(id=_input_id(path), path=str(path.resolve()), category=category))
+
+    for entry in _visible(input_dir):
+        if entry.is_file():
+            if _is_case_file(entry):
+                add(entry, UNCATEGORIZED)
+            continue
+        children = _visible(entry)
+        holds_cases = any(c.is_file() and _is_case_file(c) for c in children)
+        holds_other_files = any(c.is_file() and not _is_case_file(c) for c in children)
+        if holds_other_files and not holds_cases:
+            add(entry, UNCATEGORIZED)
+            continue
+        for child in children:
+            if child.is_dir() or _is_case_file(child):
+                add(child, entry.name)
+    seen: dict[str, CaseRef] = {}
+    for ref in refs:
+        if ref.id in seen:
+            raise ValueError(
+                f"two cases have the id {ref.id!r} ({seen[ref.id].category}/ and {ref.category}/); "
+                "rename one of them"
+            )
+        seen[ref.id] = ref
+    return refs
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _is_case_file(path: Path) -> bool:
+    return path.suffix.lower() == ".zip" or is_nifti_path(path)
+
+
+def _input_id(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return _case_id(name)  # the store's ids, so outputs line up with its manifest
+
+
+def _check_window(window: tuple[float, float]) -> tuple[float, float]:
+    if len(window) != 2:
+        raise ValueError(f"window must be (center_hu, width_hu), got {window!r}")
+    center_hu, width_hu = (float(v) for v in window)
+    if not width_hu > 0:
+        raise ValueError(f"window width must be positive, got {width_hu} HU")
+    return center_hu, width_hu
+
+
+def _predict(predictor: Predictor, volume: Volume, thin_z: np.ndarray, center_hu: float,
+             width_hu: float) -> np.ndarray:
+    """Run the predictor on the windowed thick volume and check what it returns."""
+    x = volume.window(center_hu, width_hu)  # (D, H, W) in [0, 1]
+    pred = np.asarray(predictor(x, volume.z_mm.copy(), thin_z.copy()))
+    expected = (thin_z.size, *volume.shape[1:])
+    if pred.shape != expected:
+        raise ValueError(f"predictor returned shape {pred.shape}, expected {expected}")
+    pred = pred.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(pred)):
+        raise ValueError("predictor returned NaN or infinite values")
+    return np.clip(pred, 0.0, 1.0)  # (N, H, W)

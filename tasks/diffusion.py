@@ -1,0 +1,88 @@
+"""Prefect tasks over the diffusion model: training (resumable, cached when finished) and inference."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from ctdiff.config import Config
+from ctdiff.fingerprint import code_version
+from ctdiff.latents import LatentStore
+from ctdiff.store import CaseStore
+from tasks.progress import Progress, training_reporter
+from tasks.training import TrainingCache, finished_checkpoint, retry_training, training_key
+
+
+def diffusion_dir(config: Config) -> Path:
+    return Path(config.paths.work) / "checkpoints" / "diffusion"
+
+
+def latent_store_of(config: Config, vae: dict) -> LatentStore:
+    return LatentStore(Path(config.paths.work) / "latents", vae["digest"])
+
+
+def _training_key(inputs: dict[str, Any]) -> str:
+    config: Config = inputs["config"]
+    latents = latent_store_of(config, inputs["vae"])
+    data = {
+        "vae": inputs["vae"]["digest"],
+        "scale_factor": latents.scale_factor,
+        "cases": {case_id: latents.case_key(case_id) for case_id in latents.ids()},
+        "splits": {split: CaseStore(config.paths.store).ids(split=split) for split in ("train", "val")},
+    }
+    sections = {
+        "diffusion": config.diffusion.model_dump(mode="json"),
+        "train_diffusion": config.train_diffusion.model_dump(mode="json"),
+    }
+    return training_key("diffusion", sections, data, _code_version())
+
+
+@lru_cache(maxsize=1)
+def _code_version() -> str:
+    import ctdiff.diffusion
+    import ctdiff.samplers
+    import ctdiff.train_diffusion
+
+    return code_version(ctdiff.diffusion, ctdiff.samplers, ctdiff.train_diffusion)
+
+
+def _finished(inputs: dict[str, Any]) -> bool:
+    config: Config = inputs["config"]
+    return finished_checkpoint(diffusion_dir(config) / "last.pt", config.train_diffusion.steps)
+
+
+@task(
+    name="train-diffusion",
+    cache_policy=TrainingCache(key_fn=_training_key, done_fn=_finished),
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_training,
+    persist_result=True,
+)
+def train_diffusion_task(config: Config, vae: dict) -> dict:
+    """Train (or resume) the latent diffusion model on the latents of VAE `vae` ({path, digest})."""
+    from ctdiff.train_diffusion import train_diffusion
+
+    latents = latent_store_of(config, vae)
+    if not latents.ids():
+        raise ValueError(f"no latents in {latents.path}; run `ctdiff encode-latents` first")
+    with Progress(config.train_diffusion.steps, "step", "train-diffusion") as bar:
+        summary = train_diffusion(
+            CaseStore(config.paths.store), latents, Path(vae["path"]), diffusion_dir(config), config,
+            training_reporter(bar),
+        )
+    summary = {k: str(v) if isinstance(v, Path) else v for k, v in summary.items()}
+    best = summary.get("best_val_psnr")
+    fit = f": best val PSNR {best:.2f} dB" if best is not None else ""
+    create_markdown_artifact(
+        key="train-diffusion",
+        markdown=(
+            f"**Diffusion `{config.diffusion.preset}` ({config.diffusion.sampler})** at step {summary['step']}{fit}"
+            f"\n\n- best: `{summary['best']}`\n- last: `{summary['last']}`\n- loss curve: `{summary['loss_plot']}`"
+        ),
+    )
+    return summary

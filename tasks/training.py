@@ -1,0 +1,93 @@
+"""What the training tasks share: which failures to retry, and a cache that trusts checkpoints.
+
+A training task is retried after a crash (the retry resumes from `last.pt`), never after a bad
+setting. It is cached under a key of everything that determines its weights, offered only while
+the finished checkpoint is on disk, so a pipeline re-run with unchanged settings skips training
+and a deleted checkpoint is trained again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+
+from ctdiff.fingerprint import settings_digest
+from ctdiff.pretrained import WeightsMismatch
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry I/O failures (network filesystems, evicted volumes); bad data is quarantined."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is not worth retrying
+        return False
+    return False
+
+
+def retry_training(task, task_run, state) -> bool:
+    """Retry crashes (lost GPU, OOM kill, I/O); a bad setting fails the same way every time."""
+    try:
+        state.result()
+    except (ValueError, WeightsMismatch):
+        return False
+    except Exception:  # noqa: BLE001 - anything else may pass on a second try, which resumes
+        return True
+    return False
+
+
+def finished_checkpoint(path: Path, steps: int) -> bool:
+    """True when `path` holds a checkpoint that reached `steps` (memory-mapped: weights stay on disk)."""
+    if not path.is_file():
+        return False
+    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(payload.get("step", -1)) >= steps
+
+
+@dataclass
+class TrainingCache(CachePolicy):
+    """Key = `key_fn(inputs)`: settings, data identity and code. Offered while `checkpoint_fn(inputs)`
+    holds a finished run, or while nothing is recorded under the key (a first run)."""
+
+    key_fn: Callable[[dict[str, Any]], str] | None = None
+    done_fn: Callable[[dict[str, Any]], bool] | None = None
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        assert self.key_fn is not None and self.done_fn is not None
+        key = self.key_fn(inputs)
+        if self.done_fn(inputs):
+            return key
+        return None if task_ctx.result_store.exists(key) else key
+
+
+@dataclass
+class KeyedCache(CachePolicy):
+    """Key = `key_fn(inputs)`, for steps whose output is fixed by what the key reads (None: run)."""
+
+    key_fn: Callable[[dict[str, Any]], str | None] | None = None
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        assert self.key_fn is not None
+        return self.key_fn(inputs)
+
+
+def file_state_key(kind: str, path: Path) -> str | None:
+    """A key that changes whenever the file at `path` is rewritten (size and modification time)."""
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return settings_digest(kind, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def training_key(kind: str, sections: dict[str, Any], data: Any, code: str) -> str:
+    return settings_digest(f"train-{kind}", sections, data, code)
