@@ -20,8 +20,10 @@ FLOW_HELP = {
     "preprocess": "DICOM cases under paths.input → case store",
     "train-vae": "train (or resume, or adopt vae.pretrained) the autoencoder",
     "encode-latents": "encode every ok case with the VAE into the latent cache",
+    "train-diffusion": "train (or resume) the latent diffusion model on the latent cache",
+    "evaluate": "score diffusion checkpoints against nearest/linear/cubic and the VAE ceiling",
+    "pipeline": "all of the above in order, each stage reusing what is cached",
 }
-DEMO_FLOWS = ("preprocess", "train-vae", "encode-latents")
 
 
 def _prefect_defaults() -> None:
@@ -58,7 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in FLOW_HELP.items():
         _add_config_options(commands.add_parser(name, help=help_text))
 
-    demo = commands.add_parser("demo", help="synthetic cases + " + " + ".join(DEMO_FLOWS) + " on the CPU demo config")
+    infer = commands.add_parser("infer", help="thin slices from a thick case with a diffusion checkpoint")
+    infer.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="a diffusion checkpoint (.pt)")
+    infer.add_argument("--input", type=Path, required=True, metavar="CASE", help="ZIP, DICOM folder or .nii.gz")
+    infer.add_argument(
+        "--output", type=Path, required=True, metavar="OUT",
+        help="OUT.nii.gz for NIfTI, else a folder for a DICOM series (with --batch: a folder of outputs)",
+    )
+    infer.add_argument("--batch", action="store_true", help="--input is a folder of cases; one output per case")
+    infer.add_argument("--format", choices=("nifti", "dicom"), default="nifti", help="output format with --batch")
+    _add_config_options(infer)
+
+    demo = commands.add_parser("demo", help="synthetic cases + the whole pipeline on the CPU demo config")
     _add_config_options(demo, DEMO_CONFIG)
     return parser
 
@@ -77,14 +90,80 @@ def run_synth(config: Config, out: Path) -> list[Path]:
     return paths
 
 
+def run_infer(config: Config, args: argparse.Namespace) -> int:
+    """`ctdiff infer`: one case (or, with --batch, a folder of cases) through a diffusion checkpoint.
+
+    Runs in this process without Prefect: a scan in, a thin series out, nothing to orchestrate.
+    Returns the exit code: 2 for unusable arguments, 1 when a case could not be done.
+    """
+    from tqdm import tqdm
+
+    from ctdiff.devices import resolve_device
+    from ctdiff.errors import CaseError
+    from ctdiff.infer import infer_batch, infer_case
+    from ctdiff.thin_slice import ThinSliceModel
+
+    try:
+        model = ThinSliceModel.load(args.checkpoint, resolve_device(config.infer.device))
+    except ValueError as error:
+        print(f"ctdiff: error: --checkpoint: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    steps = config.infer.sample_steps or model.sample_steps
+    print(
+        f"model {args.checkpoint} ({model.sampler_name}, {steps} steps, seed {config.infer.seed}) "
+        f"on {model.device}: {model.thick_mm:g} mm -> {model.thin_mm:g} mm",
+        file=sys.stderr,
+    )
+    bar = tqdm(total=steps, unit="step", desc="sampling", file=sys.stderr, leave=False)
+
+    def step_progress(step: int, total: int) -> None:
+        if step == 1:
+            bar.reset(total)
+        bar.update(step - bar.n)
+
+    predictor = model.predictor(config.infer.seed, config.infer.sample_steps, step_progress)
+    window = model.window
+    try:
+        if args.batch:
+            results = infer_batch(
+                args.input, args.output, predictor, window, model.thin_mm, args.format,
+                progress=lambda info: print(f"[{info['done']}/{info['total']}] {info['id']}: {info['status']}",
+                                            file=sys.stderr),
+            )
+        else:
+            results = [{"id": args.input.name, "status": "ok", "reason": None,
+                        **infer_case(args.input, args.output, predictor, window, model.thin_mm)}]
+    except CaseError as error:
+        print(f"ctdiff: infer: {args.input}: {error.reason}", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        print(f"ctdiff: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        bar.close()
+    for r in results:
+        if r["status"] == "ok":
+            print(f"{r['id']}: {r['n_thick']} x {r['thick_mm']:g} mm -> {r['n_thin']} x {r['thin_mm']:g} mm "
+                  f"in {r['seconds']:.1f} s: {r['output']}")
+        else:
+            print(f"{r['id']}: failed: {r['reason']}")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
 def run_flow(name: str, config_path: Path | None, overrides: list[str]) -> dict:
     """Run the flow called `name` in this process (embedded Prefect unless PREFECT_API_URL)."""
     _prefect_defaults()
     from flows.encode_latents import encode_latents
+    from flows.evaluate import evaluate
+    from flows.pipeline import pipeline
     from flows.preprocess import preprocess
+    from flows.train_diffusion import train_diffusion
     from flows.train_vae import train_vae
 
-    flows = {"preprocess": preprocess, "train-vae": train_vae, "encode-latents": encode_latents}
+    flows = {
+        "preprocess": preprocess, "train-vae": train_vae, "encode-latents": encode_latents,
+        "train-diffusion": train_diffusion, "evaluate": evaluate, "pipeline": pipeline,
+    }
     return flows[name](config=str(config_path) if config_path else None, overrides=overrides)
 
 
@@ -98,6 +177,18 @@ def print_result(name: str, result: dict) -> None:
         print(f"checkpoints: {result['best']} (best), {result['last']} (last); loss curve: {result['loss_plot']}")
     elif name == "encode-latents":
         print(f"latents of {result['cases']} cases: {result['latents']} (scale factor {result['scale_factor']:.4f})")
+    elif name == "train-diffusion":
+        best = result["best_val_psnr"]
+        fit = f": best val PSNR {best:.2f} dB" if best is not None else ""
+        print(f"diffusion model at step {result['step']}{fit}")
+        print(f"checkpoints: {result['best']} (best), {result['last']} (last); loss curve: {result['loss_plot']}")
+    elif name == "evaluate":
+        print(f"\n{result['table']}\n")
+        print(f"report: {result['report_dir']}/report.md")
+    elif name == "pipeline":
+        for stage, stage_result in result.items():
+            print(f"\n== {stage}")
+            print_result(stage, stage_result)
 
 
 def print_store_summary(store_path: Path) -> None:
@@ -134,28 +225,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "synth":
             run_synth(config, args.out)
             return 0
+        if args.command == "infer":
+            return run_infer(config, args)
         if args.command == "demo":
             input_dir = Path(config.paths.input)
             if not (input_dir.is_dir() and any(input_dir.iterdir())):
                 run_synth(config, input_dir)
             else:
                 print(f"using the cases already in {input_dir}")
-        if args.command in ("preprocess", "demo"):
+        if args.command in ("preprocess", "pipeline", "demo"):
             require_input(config)
-        if args.command in ("train-vae", "demo") and config.vae.pretrained is not None:
+        if args.command in ("train-vae", "pipeline", "demo") and config.vae.pretrained is not None:
             check_pretrained(config)
     except ConfigError as error:
         print(f"ctdiff: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    names = DEMO_FLOWS if args.command == "demo" else (args.command,)
-    for name in names:
-        try:
-            result = run_flow(name, args.config, args.overrides)
-        except (RuntimeError, ValueError) as error:
-            # The flow run's log above holds the details; end with one line, not a traceback.
-            print(f"ctdiff: {name} failed: {error}", file=sys.stderr)
-            return 1
-        print_result(name, result)
+    name = "pipeline" if args.command == "demo" else args.command
+    try:
+        result = run_flow(name, args.config, args.overrides)
+    except (RuntimeError, ValueError) as error:
+        # The flow run's log above holds the details; end with one line, not a traceback.
+        print(f"ctdiff: {name} failed: {error}", file=sys.stderr)
+        return 1
+    print_result(name, result)
     return 0
 
 

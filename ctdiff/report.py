@@ -1,0 +1,318 @@
+"""The evaluation report (SPEC §6): metrics.json, report.md, and figures read at a glance.
+
+Tables and findings are built from the `metrics.json` dict (or straight from an
+`EvaluationResult`), so a Prefect artifact made later from the file shows the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and pods
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ctdiff.evaluate import MODEL_PREFIX, CaseViews, EvaluationResult, metrics_json  # noqa: E402
+from ctdiff.interpolate import METHODS  # noqa: E402
+
+_COLUMNS = ("PSNR all (dB)", "SSIM all", "PSNR in-between (dB)", "SSIM in-between")
+_FEW_CASES = 5  # below this, say that the spread across cases is not to be trusted
+_DPI = 80
+_CORONAL_MAX_WIDTH = 2.0  # coronal views are cropped to at most this many times their z extent
+
+
+# -- tables ----------------------------------------------------------------------------------------
+
+
+def _as_metrics(source: EvaluationResult | dict[str, Any]) -> dict[str, Any]:
+    return metrics_json(source) if isinstance(source, EvaluationResult) else source
+
+
+def _mean_std(stats: dict[str, Any] | None, metric: str, digits: int) -> str:
+    if not stats or stats.get(metric) is None:
+        return "–"
+    std = stats.get(f"{metric}_std")
+    return f"{stats[metric]:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def table_rows(source: EvaluationResult | dict[str, Any]) -> list[dict[str, str]]:
+    """One row per method: mean ± std over cases of PSNR/SSIM, all and in-between slices."""
+    metrics = _as_metrics(source)
+    rows = []
+    for method, stats in metrics["methods"].items():
+        between = stats.get("in_between")
+        values = (
+            _mean_std(stats, "psnr", 2), _mean_std(stats, "ssim", 4),
+            _mean_std(between, "psnr", 2), _mean_std(between, "ssim", 4),
+        )
+        rows.append({"method": method, **dict(zip(_COLUMNS, values)), "cases": str(len(stats["per_case"]))})
+    return rows
+
+
+def markdown_table(source: EvaluationResult | dict[str, Any]) -> str:
+    """`table_rows` as a Markdown table."""
+    rows = table_rows(source)
+    header = ["method", *_COLUMNS, "cases"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row[key] for key in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- findings --------------------------------------------------------------------------------------
+
+
+def _region(stats: dict[str, Any], region: str) -> dict[str, Any] | None:
+    return stats if region == "all" else stats.get("in_between")
+
+
+def _label(method: str) -> str:
+    return "the model" if method == MODEL_PREFIX else f"`{method}`"
+
+
+def findings(source: EvaluationResult | dict[str, Any]) -> list[str]:
+    """Statements the numbers support, e.g. "the model does not beat nearest on in-between
+    slices (PSNR 30.10 vs 31.20 dB)". "Beats" means a strictly higher mean over cases."""
+    metrics = _as_metrics(source)
+    methods = metrics["methods"]
+    models = [m for m in methods if m.startswith(MODEL_PREFIX)]
+    baselines = [m for m in METHODS if m in methods]
+    n_cases = metrics.get("n_cases", max((len(s["per_case"]) for s in methods.values()), default=0))
+    out = []
+    if n_cases < _FEW_CASES:
+        out.append(f"only {n_cases} case(s): the means are noisy and the stds say little")
+    if not models:
+        out.append("no model was scored; cases are ranked by cubic interpolation")
+    for model in models:
+        for region, where in (("all", "all slices"), ("in_between", "in-between slices")):
+            out += _region_findings(methods, model, baselines, region, where)
+        out += _case_wins(methods, model, baselines)
+        ceiling, mine = methods.get("vae_ceiling"), methods[model]
+        if ceiling and ceiling.get("psnr") is not None and mine.get("psnr") is not None:
+            gap = ceiling["psnr"] - mine["psnr"]
+            side = "below" if gap >= 0 else "above"
+            out.append(f"{_label(model)} is {abs(gap):.2f} dB PSNR {side} the VAE ceiling (all slices)")
+    return out
+
+
+def _region_findings(methods: dict, model: str, baselines: list[str], region: str, where: str) -> list[str]:
+    mine = _region(methods[model], region)
+    if not mine or mine.get("psnr") is None:
+        return []
+    out, beaten_all = [], True
+    for base in baselines:
+        theirs = _region(methods[base], region)
+        if not theirs or theirs.get("psnr") is None:
+            continue
+        lost = []
+        if mine["psnr"] <= theirs["psnr"]:
+            lost.append(f"PSNR {mine['psnr']:.2f} vs {theirs['psnr']:.2f} dB")
+        if mine["ssim"] <= theirs["ssim"]:
+            lost.append(f"SSIM {mine['ssim']:.4f} vs {theirs['ssim']:.4f}")
+        if lost:
+            beaten_all = False
+            out.append(f"{_label(model)} does not beat {base} on {where} ({', '.join(lost)})")
+    scored = [
+        {**_region(methods[b], region), "name": b}
+        for b in baselines if (_region(methods[b], region) or {}).get("psnr") is not None
+    ]
+    if beaten_all and scored:
+        psnr_best = max(scored, key=lambda s: s["psnr"])
+        ssim_best = max(scored, key=lambda s: s["ssim"])
+        out.append(
+            f"{_label(model)} beats every baseline on {where}: PSNR +{mine['psnr'] - psnr_best['psnr']:.2f} dB "
+            f"over {psnr_best['name']}, SSIM +{mine['ssim'] - ssim_best['ssim']:.4f} over {ssim_best['name']} "
+            "(the best baselines)"
+        )
+    return out
+
+
+def _case_wins(methods: dict, model: str, baselines: list[str]) -> list[str]:
+    """On how many cases the model beats the best baseline in in-between PSNR: a mean can hide
+    one bad case or be carried by one good one."""
+    scored = [b for b in baselines if (methods[b].get("in_between") or {}).get("psnr") is not None]
+    if not scored:
+        return []
+    best = max(scored, key=lambda b: methods[b]["in_between"]["psnr"])
+    pairs = [
+        (methods[model]["per_case"][c].get("in_between"), methods[best]["per_case"][c].get("in_between"))
+        for c in methods[model]["per_case"]
+    ]
+    pairs = [(a["psnr"], b["psnr"]) for a, b in pairs if a and b]
+    wins = sum(a > b for a, b in pairs)
+    return [f"{_label(model)} beats {best} on {wins} of {len(pairs)} cases (in-between PSNR)"]
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+
+def _savefig(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=_DPI)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _central_columns(n_columns: int, dx_mm: float, max_width_mm: float) -> slice:
+    keep = min(n_columns, max(int(round(max_width_mm / dx_mm)), 8))
+    start = (n_columns - keep) // 2
+    return slice(start, start + keep)
+
+
+def case_figure(views: CaseViews, role: str, ranked_by: str, window: tuple[float, float], path: Path) -> Path:
+    """Axial (top) and coronal (bottom) views of one case: thick input as its real slabs, truth,
+    cubic, the model, and their absolute errors in HU on one shared colour scale per row.
+    Pixels keep their physical aspect, so the coronal row shows the z resolution; a coronal
+    view much wider than deep is cropped to its central part, else the slabs are a few pixels."""
+    center, width = window
+    methods = [m for m in views.axial if m not in ("thick", "truth")]  # cubic, then the model
+    images = ["thick", "truth", *methods]
+    dz, dy, dx = views.thin_spacing_mm
+    height, row_width = views.axial["truth"].shape
+    depth = views.coronal["truth"].shape[0]
+    columns = _central_columns(row_width, dx, _CORONAL_MAX_WIDTH * depth * dz)
+    coronal = {name: image[:, columns] for name, image in views.coronal.items()}  # (D_thin, W') each
+    crop_width = columns.stop - columns.start
+    ratios = [height * dy / (row_width * dx), depth * dz / (crop_width * dx)]
+    ncols = len(images) + len(methods)
+    fig, axes = plt.subplots(
+        2, ncols, figsize=(2.6 * ncols, 2.6 * sum(ratios) + 0.9), squeeze=False,
+        gridspec_kw={"height_ratios": ratios}, constrained_layout=True,
+    )
+    titles = {"thick": f"thick input ({views.thick_mm:g} mm)", "truth": f"truth ({dz:g} mm)"}
+    for r, (plane, cut, aspect) in enumerate((("axial", views.axial, dy / dx), ("coronal", coronal, dz / dx))):
+        flip = (lambda a: a[::-1]) if plane == "coronal" else (lambda a: a)  # coronal: head up
+        for c, name in enumerate(images):
+            ax = axes[r, c]
+            ax.imshow(flip(cut[name]), cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+            ax.set_title(f"{titles.get(name, name)}, {plane}", fontsize=9)
+            if plane == "coronal":  # where the axial slice above sits
+                ax.axhline(depth - 1 - views.z_index, color="gold", lw=0.6, ls=":")
+        if not methods:
+            continue
+        errors_hu = [np.abs(cut[m] - cut["truth"]) * width for m in methods]
+        vmax = max(float(np.percentile(np.concatenate([e.ravel() for e in errors_hu]), 99.5)), 1.0)
+        error_axes = list(axes[r, len(images):])
+        for ax, method, error in zip(error_axes, methods, errors_hu):
+            im = ax.imshow(flip(error), cmap="magma", vmin=0, vmax=vmax, aspect=aspect, interpolation="nearest")
+            ax.set_title(f"|{method} − truth|, {plane}", fontsize=9)
+        fig.colorbar(im, ax=error_axes, label="|error| (HU)", shrink=0.9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(
+        f"{role} case {views.case_id}: {ranked_by} PSNR {views.psnr:.2f} dB · axial z = {views.z_mm:.1f} mm "
+        f"({views.offset_mm:.1f} mm from a thick centre) · coronal row {views.row}"
+        + (f", central {crop_width * dx:.0f} mm" if crop_width < row_width else "")
+        + f" · window {center:g}/{width:g} HU",
+        fontsize=10,
+    )
+    return _savefig(fig, path)
+
+
+def trend_figure(history: list[dict[str, Any]], path: Path) -> Path:
+    """PSNR and SSIM means of the model and cubic (bold; other baselines faint) per evaluation."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    x = np.arange(1, len(history) + 1)
+    names = [MODEL_PREFIX, "cubic", "linear", "nearest", "vae_ceiling"]
+    for ax, metric, unit in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
+        for i, name in enumerate(names):
+            for key, style in (("means", "-"), ("in_between_means", "--")):
+                values = [((r.get(key) or {}).get(name) or {}).get(metric) for r in history]
+                if all(v is None for v in values):
+                    continue
+                y = np.array([np.nan if v is None else v for v in values], dtype=float)
+                strong = name in (MODEL_PREFIX, "cubic")
+                label = name + (" (in-between)" if key == "in_between_means" else "")
+                ax.plot(x, y, style, marker="o", color=f"C{i}", lw=2 if strong else 0.8,
+                        alpha=1.0 if strong else 0.5, label=label)
+        labels = [str(r.get("time", i))[:16].replace("T", " ") for i, r in zip(x, history)]
+        ax.set_xticks(x, labels, rotation=30, fontsize=7)
+        ax.set_ylabel(unit)
+        ax.set_xlabel("evaluation")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("evaluations over time (mean over cases)")
+    return _savefig(fig, path)
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _case_table(metrics: dict[str, Any], result: EvaluationResult) -> str:
+    methods = list(metrics["methods"])
+    header = ["case", "thin slices", "in-between", *(f"{m} PSNR / SSIM" for m in methods)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    tags = {result.best.case_id: " (best)", result.worst.case_id: " (worst)"} if result.best else {}
+    if result.best and result.best.case_id == result.worst.case_id:
+        tags = {result.best.case_id: " (best = worst)"}
+    for case_id in result.case_ids:
+        cells = [f"{case_id}{tags.get(case_id, '')}", str(result.n_slices[case_id]["all"]),
+                 str(result.n_slices[case_id]["in_between"])]
+        for m in methods:
+            s = metrics["methods"][m]["per_case"][case_id]
+            cells.append(f"{s['psnr']:.2f} / {s['ssim']:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | Path, result: EvaluationResult, window: tuple[float, float], history: list[dict[str, Any]],
+    title: str, notes: list[str],
+) -> dict[str, Path]:
+    """Write metrics.json, report.md, the best/worst case figures and (with >= 2 evaluations in
+    `history`) the trend plot under `out_dir`; returns their paths by name."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = metrics_json(result, window)
+    paths = {"metrics_json": _write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")}
+    figures = []
+    if result.best is not None:
+        cases = [("best", result.best)]
+        if result.worst.case_id != result.best.case_id:
+            cases.append(("worst", result.worst))
+        for role, views in cases:
+            path = case_figure(views, role, result.ranked_by, window, out_dir / f"{role}_case.png")
+            paths[f"figure_{role}"] = path
+            figures.append(f"### {role.capitalize()} case: {views.case_id}\n\n![{role} case]({path.name})")
+    if len(history) >= 2:
+        paths["trend"] = trend_figure(history, out_dir / "trend.png")
+    center, width = window
+    sections = [
+        f"# {title}",
+        f"{len(result.case_ids)} case(s), window {center:g}/{width:g} HU. PSNR and SSIM are computed on the "
+        "windowed thin volume scaled to [0, 1] (data range 1) over all thin slices the thick series covers, "
+        "and over the in-between slices only (thin slices not at a thick slice centre). PSNR is over the "
+        "selected slices together; SSIM is 2-D per axial slice, averaged. Mean ± sample std over cases. "
+        "Baselines interpolate the windowed thick slices.",
+        "## Methods\n\n" + markdown_table(metrics),
+        "## Findings\n\n" + "\n".join(f"- {line}" for line in findings(metrics)),
+    ]
+    if notes:
+        sections.append("## Notes\n\n" + "\n".join(f"- {line}" for line in notes))
+    sections.append(f"## Cases (ranked by {result.ranked_by} PSNR)\n\n" + _case_table(metrics, result))
+    if figures:
+        sections.append("## Figures\n\n" + "\n\n".join(figures))
+    sections.append(
+        "## Trend\n\n" + ("![trend](trend.png)" if "trend" in paths else
+                          f"{len(history)} evaluation(s) in the history; the trend plot needs 2.")
+    )
+    paths["report_md"] = _write_text(out_dir / "report.md", "\n\n".join(sections) + "\n")
+    return paths
