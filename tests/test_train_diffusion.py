@@ -263,3 +263,61 @@ def test_unusable_latent_stores_are_clear_errors(data, tmp_path):
     with pytest.raises(ValueError, match="window_slices"):
         train_diffusion(store, latents, vae_path, tmp_path / "d", _config("train_diffusion.steps=2", "diffusion.window_slices=7"))
     assert not (tmp_path / "d" / "last.pt").exists()
+
+
+# -- `ctdiff infer` with the trained checkpoint ----------------------------------------------------
+
+
+def test_cli_infer_turns_a_thick_zip_into_thin_nifti_and_dicom(data, overfit, tmp_path, capsys):
+    import nibabel as nib
+
+    from ctdiff.dicom import read_series
+    from ctdiff.nifti import read_nifti
+    from ctdiff.synth import write_case
+    from flows.cli import main
+
+    store = data[0]
+    result = overfit[0]
+    # Case "a" again, as a DICOM ZIP (thick and thin series): infer reads the thickest series.
+    ratio, n_thin, _ = CASES["a"]
+    spec = SynthSpec(size=32, n_thin=n_thin, thin_mm=THIN_MM, thick_mm=THIN_MM * ratio, noise_hu=0.0)
+    case = write_case(tmp_path / "in", spec, 0)
+    out = tmp_path / "thin.nii.gz"
+    assert main(["infer", "--checkpoint", result["last"], "--input", str(case), "--output", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+
+    thick, thin = store.read("a", "thick"), store.read("a", "thin")
+    image = nib.load(out)
+    assert image.shape == (32, 32, n_thin) and image.header.get_zooms()[2] == pytest.approx(THIN_MM)
+    hu = np.asarray(image.dataobj)
+    assert hu.min() <= -1000 and hu.max() > 200  # full HU range, not the window
+    # The CLI's volume (model inside the window, cubic outside) against the truth, in the window.
+    predicted = read_nifti(out)
+    np.testing.assert_allclose(predicted.z_mm, thin.z_mm, atol=1e-3)
+    truth = thin.window(*WINDOW)
+    nearest = _psnr(interpolate_z(thick.window(*WINDOW), thick.z_mm, thin.z_mm, "nearest"), truth)
+    assert _psnr(predicted.window(*WINDOW), truth) > nearest + 0.5
+
+    # A folder of cases to DICOM series; same seed, same HU as the NIfTI.
+    assert main(["infer", "--checkpoint", result["last"], "--input", str(tmp_path / "in"), "--batch",
+                 "--format", "dicom", "--output", str(tmp_path / "series")]) == 0
+    series = read_series(tmp_path / "series" / case.stem)
+    assert series.volume.spacing_mm[0] == pytest.approx(THIN_MM)
+    np.testing.assert_allclose(series.volume.z_mm, thin.z_mm, atol=1e-3)
+    np.testing.assert_array_equal(series.volume.hu, predicted.hu)
+
+
+def test_cli_infer_errors_are_one_line_with_an_exit_code(data, overfit, tmp_path, capsys):
+    from ctdiff.synth import write_case
+    from flows.cli import main
+
+    result = overfit[0]
+    case = write_case(tmp_path / "in", SynthSpec(size=16, n_thin=10, thin_mm=1.0, thick_mm=5.0, noise_hu=0.0), 0)
+    args = ["infer", "--input", str(case), "--output", str(tmp_path / "o.nii.gz")]
+    assert main([*args, "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "no such diffusion checkpoint" in capsys.readouterr().err
+    # 5 mm slices are not thicker than the model's 5 mm output: the case is refused, nothing written.
+    assert main([*args, "--checkpoint", result["last"]]) == 1
+    assert "not thicker than 5 mm" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()
+    assert main(["infer", "--checkpoint", result["last"], "--input", str(case), "--output", str(tmp_path / "o.nrrd")]) == 2
