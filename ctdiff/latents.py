@@ -183,10 +183,12 @@ class LatentStore:
         """
         root = zarr.open_group(self.path, mode="a", zarr_format=3)
         window = [float(v) for v in window]
-        scale_factor = root.attrs.get("scale_factor") if root.attrs.get("window") == window else None
+        same_window = root.attrs.get("window") == window
         root.attrs.update(
             {"format": LATENT_FORMAT, "vae_digest": self.vae_digest, "preset": preset,
-             "factors": list(factors), "window": window, "scale_factor": scale_factor}
+             "factors": list(factors), "window": window,
+             "scale_factor": root.attrs.get("scale_factor") if same_window else None,
+             "scale_factor_key": root.attrs.get("scale_factor_key") if same_window else None}
         )
         shutil.rmtree(self.path / ".staging", ignore_errors=True)
 
@@ -197,10 +199,15 @@ class LatentStore:
     def scale_factor(self) -> float | None:
         return self.root_attrs().get("scale_factor")
 
-    def set_scale_factor(self, value: float) -> None:
+    def set_scale_factor(self, value: float, key: str | None = None) -> None:
+        """Record the scale factor and, optionally, the key of the latents it was computed from."""
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"latent scale factor must be a positive number, got {value}")
-        zarr.open_group(self.path, mode="r+").attrs.update({"scale_factor": float(value)})
+        zarr.open_group(self.path, mode="r+").attrs.update({"scale_factor": float(value), "scale_factor_key": key})
+
+    def scale_factor_key(self, case_ids: list[str]) -> str:
+        """What the scale factor of `case_ids` depends on: the latents of each (their keys)."""
+        return settings_digest("scale-factor", self.vae_digest, {case_id: self.case_key(case_id) for case_id in case_ids})
 
     def ids(self) -> list[str]:
         return sorted(p.parent.name for p in (self.path / "cases").glob("*/zarr.json"))

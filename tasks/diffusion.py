@@ -14,7 +14,7 @@ from ctdiff.fingerprint import code_version
 from ctdiff.latents import LatentStore
 from ctdiff.store import CaseStore
 from tasks.progress import Progress, training_reporter
-from tasks.training import TrainingCache, finished_checkpoint, retry_training, training_key
+from tasks.training import OutputCache, finished_checkpoint, retry_training, training_key
 
 
 def diffusion_dir(config: Config) -> Path:
@@ -57,7 +57,7 @@ def _finished(inputs: dict[str, Any]) -> bool:
 
 @task(
     name="train-diffusion",
-    cache_policy=TrainingCache(key_fn=_training_key, done_fn=_finished),
+    cache_policy=OutputCache(key_fn=_training_key, done_fn=_finished),
     retries=2,
     retry_delay_seconds=10,
     retry_condition_fn=retry_training,

@@ -16,7 +16,7 @@ from ctdiff.fingerprint import code_version, settings_digest
 from ctdiff.store import CaseStore
 from tasks.diffusion import diffusion_dir
 from tasks.progress import Progress
-from tasks.training import KeyedCache, file_state_key
+from tasks.training import KeyedCache, OutputCache, file_state_key
 
 MODEL = "model"  # SPEC §6 name of the (first) diffusion checkpoint's method
 
@@ -87,13 +87,15 @@ def _code_version() -> str:
     return code_version(ctdiff.evaluate, ctdiff.interpolate, ctdiff.metrics, ctdiff.thin_slice)
 
 
-def _report_key(inputs: dict[str, Any]) -> str | None:
-    """The evaluation key while its report is on disk (else run, and write it again)."""
-    key = inputs["key"]
-    return key if (Path(inputs["reports_root"]) / inputs["run"] / "metrics.json").is_file() else None
+def _report_written(inputs: dict[str, Any]) -> bool:
+    return (Path(inputs["reports_root"]) / inputs["run"] / "metrics.json").is_file()
 
 
-@task(name="score-cases", cache_policy=KeyedCache(key_fn=_report_key), persist_result=True)
+@task(
+    name="score-cases",
+    cache_policy=OutputCache(key_fn=lambda inputs: inputs["key"], done_fn=_report_written),
+    persist_result=True,
+)
 def score_and_report(
     config: Config, checkpoints: list[dict], ids: list[str], key: str, reports_root: str, run: str
 ) -> dict:

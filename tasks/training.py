@@ -1,9 +1,10 @@
-"""What the training tasks share: which failures to retry, and a cache that trusts checkpoints.
+"""What the training tasks share: which failures to retry, and caches that trust what is on disk.
 
 A training task is retried after a crash (the retry resumes from `last.pt`), never after a bad
 setting. It is cached under a key of everything that determines its weights, offered only while
 the finished checkpoint is on disk, so a pipeline re-run with unchanged settings skips training
-and a deleted checkpoint is trained again.
+and a deleted checkpoint is trained again. `OutputCache` serves the other tasks whose output
+lives outside Prefect (scale factor, evaluation report) the same way.
 """
 
 from __future__ import annotations
@@ -51,9 +52,14 @@ def finished_checkpoint(path: Path, steps: int) -> bool:
 
 
 @dataclass
-class TrainingCache(CachePolicy):
-    """Key = `key_fn(inputs)`: settings, data identity and code. Offered while `checkpoint_fn(inputs)`
-    holds a finished run, or while nothing is recorded under the key (a first run)."""
+class OutputCache(CachePolicy):
+    """Key = `key_fn(inputs)`: what determines the output (settings, data identity, code).
+
+    Offered while `done_fn(inputs)` finds that output on disk (a finished checkpoint, a recorded
+    scale factor), or while nothing is recorded under the key yet (a first run, whose result is
+    then cached). A recorded result whose output is gone is stale: the key is withheld and the
+    task runs again.
+    """
 
     key_fn: Callable[[dict[str, Any]], str] | None = None
     done_fn: Callable[[dict[str, Any]], bool] | None = None

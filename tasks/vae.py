@@ -22,7 +22,7 @@ from ctdiff.train_vae import train_vae
 from tasks.progress import Progress, training_reporter
 from tasks.training import (
     KeyedCache,
-    TrainingCache,
+    OutputCache,
     file_state_key,
     finished_checkpoint,
     is_transient,
@@ -64,7 +64,7 @@ def _vae_finished(inputs: dict[str, Any]) -> bool:
 
 @task(
     name="train-vae",
-    cache_policy=TrainingCache(key_fn=_vae_training_key, done_fn=_vae_finished),
+    cache_policy=OutputCache(key_fn=_vae_training_key, done_fn=_vae_finished),
     retries=2,
     retry_delay_seconds=10,
     retry_condition_fn=retry_training,
@@ -153,12 +153,28 @@ def prepare_latent_store(latent_root: str, vae: dict, window: list[float]) -> No
     latents.LatentStore(Path(latent_root), vae["digest"]).create(model.preset_name, model.factors, window)
 
 
-@task(name="scale-factor")
+def _scale_factor_key(inputs: dict[str, Any]) -> str:
+    store = latents.LatentStore(Path(inputs["latent_root"]), inputs["vae"]["digest"])
+    return store.scale_factor_key(inputs["train_ids"])
+
+
+def _scale_factor_recorded(inputs: dict[str, Any]) -> bool:
+    """The store holds a scale factor computed from exactly these train latents."""
+    store = latents.LatentStore(Path(inputs["latent_root"]), inputs["vae"]["digest"])
+    attrs = store.root_attrs()
+    return attrs.get("scale_factor") is not None and attrs.get("scale_factor_key") == _scale_factor_key(inputs)
+
+
+@task(
+    name="scale-factor",
+    cache_policy=OutputCache(key_fn=_scale_factor_key, done_fn=_scale_factor_recorded),
+    persist_result=True,
+)
 def scale_factor(latent_root: str, vae: dict, train_ids: list[str]) -> float:
-    """1/std of the train cases' thin latents, recorded in the latent store."""
+    """1/std of the train cases' thin latents, recorded in the latent store (with their key)."""
     store = latents.LatentStore(Path(latent_root), vae["digest"])
     value = latents.compute_scale_factor(store, train_ids)
-    store.set_scale_factor(value)
+    store.set_scale_factor(value, key=store.scale_factor_key(train_ids))
     return value
 
 

@@ -1,0 +1,144 @@
+"""The `pipeline` flow end to end on tiny synthetic cases, and what a second run redoes."""
+
+import json
+import time
+
+import pytest
+import yaml
+
+from ctdiff.evaluate import load_metrics
+from ctdiff.synth import SynthSpec, synthesize
+
+pytestmark = pytest.mark.slow
+
+METHODS = {"model", "nearest", "linear", "cubic", "vae_ceiling"}
+# Tasks that do work, by name (task_run_name prefixes for the per-case ones). Bookkeeping tasks
+# (discover-cases, create-store, write-splits, reports, previews) run every time by design: they
+# notice new cases and refresh the Prefect UI's artifacts.
+UPSTREAM = ("decode-", "resize-", "train-vae", "resolve-vae-checkpoint", "encode-", "scale-factor")
+WORK = (*UPSTREAM, "train-diffusion", "checkpoint-digest", "score-cases")
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    synthesize(root / "cases", SynthSpec(n_cases=5, size=32, n_thin=20, seed=1))
+    config = {
+        "paths": {"input": str(root / "cases"), "store": str(root / "store.zarr"), "work": str(root / "work")},
+        "preprocess": {"resolution": None, "split": {"train": 0.4, "val": 0.2, "test": 0.4, "seed": 0},
+                       "dask": {"n_workers": 1}},
+        "vae": {"preset": "slice-kl-tiny"},
+        "train_vae": {"steps": 6, "batch_size": 2, "patch_slices": 4, "patch_size": 32, "val_every": 6,
+                      "val_cases": 1, "checkpoint_every": 6, "device": "cpu"},
+        "encode": {"device": "cpu"},
+        "diffusion": {"preset": "tiny", "window_slices": 8, "overlap_slices": 2, "sample_steps": 2},
+        "train_diffusion": {"steps": 4, "batch_size": 2, "val_every": 4, "val_cases": 1,
+                            "checkpoint_every": 4, "device": "cpu"},
+        "evaluate": {"device": "cpu"},
+    }
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _task_runs_since(started: float) -> dict[str, list[str]]:
+    """{task run name: [state names]} of the tasks of every flow run started after `started`."""
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterId, FlowRunFilterStartTime, TaskRunFilter, TaskRunFilterSubFlowRuns,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
+
+    after = datetime.fromtimestamp(started, tz=timezone.utc)
+    with get_client(sync_client=True) as client:
+        # Prefect 3.8's sync client sends null for every argument left out, which the API refuses.
+        flow_runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=after)),
+            sort=FlowRunSort.START_TIME_DESC, limit=50, offset=0,
+        )
+        task_runs = client.read_task_runs(
+            # Sub-flows show as task runs too; only real tasks count.
+            task_run_filter=TaskRunFilter(subflow_runs=TaskRunFilterSubFlowRuns(exists_=False)),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in flow_runs])),
+            sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200, offset=0,
+        )
+    runs: dict[str, list[str]] = {}
+    for run in task_runs:
+        runs.setdefault(run.name, []).append(run.state.name if run.state else "?")
+    return runs
+
+
+def _states(runs: dict[str, list[str]], prefixes: tuple[str, ...]) -> dict[str, list[str]]:
+    return {name: states for name, states in runs.items() if name.startswith(prefixes)}
+
+
+@pytest.fixture(scope="module")
+def first_run(config_path, prefect_harness):
+    from flows.pipeline import pipeline
+
+    started = time.time()
+    result = pipeline(config=str(config_path))
+    return result, _task_runs_since(started)
+
+
+def test_pipeline_runs_every_stage_and_reports(config_path, first_run):
+    result, runs = first_run
+    assert list(result) == ["preprocess", "train-vae", "encode-latents", "train-diffusion", "evaluate"]
+    assert result["preprocess"]["ok"] == 5 and result["preprocess"]["quarantined"] == 0
+    assert result["train-diffusion"]["step"] == 4
+    work = yaml.safe_load(config_path.read_text())["paths"]["work"]
+    for kind in ("vae", "diffusion"):
+        for name in ("last.pt", "best.pt"):
+            assert (config_path.parent / "work" / "checkpoints" / kind / name).is_file()
+
+    report = result["evaluate"]
+    assert report["report_dir"].startswith(str(work))
+    metrics = load_metrics(f"{report['report_dir']}/metrics.json")
+    assert metrics["window"] == [40.0, 400.0] and METHODS <= set(metrics["methods"])
+    test_ids = set(metrics["methods"]["cubic"]["per_case"])
+    assert len(test_ids) == report["cases"] >= 1
+    for method in METHODS:
+        entry = metrics["methods"][method]
+        assert 5.0 < entry["psnr"] < 60.0 and 0.0 < entry["ssim"] <= 1.0
+        assert set(entry["per_case"]) == test_ids
+    for name in ("report.md", "best_case.png", "worst_case.png"):
+        assert (config_path.parent / report["report_dir"] / name).is_file()
+    history = (config_path.parent / "work" / "reports" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 1 and json.loads(history[0])["run"] == report["run"]
+    # Everything that works ran for real the first time (train-diffusion reuses the VAE
+    # checkpoint that encode-latents resolved: that one lookup is cached).
+    computed = _states(runs, ("decode-", "resize-", "train-", "encode-", "scale-factor", "score-cases"))
+    assert len(computed) == 5 + 5 + 2 + 5 + 1 + 1, sorted(computed)
+    for name, states in computed.items():
+        assert states == ["Completed"], name
+
+
+def test_second_run_redoes_only_what_changed(config_path, first_run, prefect_harness):
+    from flows.pipeline import pipeline
+
+    first, _ = first_run
+    # Only a diffusion setting changes: ingestion, the VAE and the latents are all cache hits;
+    # training resumes from step 4, and the new checkpoint is evaluated.
+    started = time.time()
+    second = pipeline(config=str(config_path), overrides=["train_diffusion.steps=6"])
+    runs = _task_runs_since(started)
+    upstream = _states(runs, UPSTREAM)
+    assert len(upstream) == len(_states(first_run[1], UPSTREAM))
+    for name, states in upstream.items():
+        assert states == ["Cached"], name
+    assert list(_states(runs, ("train-diffusion",)).values()) == [["Completed"]]
+    assert second["train-diffusion"]["resumed_from"] == 4
+    assert second["train-diffusion"]["step"] == 6
+    assert second["evaluate"]["run"] != first["evaluate"]["run"]
+
+    # Nothing changed: no task that does work runs again, and the report is the same.
+    started = time.time()
+    third = pipeline(config=str(config_path), overrides=["train_diffusion.steps=6"])
+    runs = _task_runs_since(started)
+    for name, states in _states(runs, WORK).items():
+        assert states == ["Cached"], name
+    assert third["evaluate"]["report_dir"] == second["evaluate"]["report_dir"]
+    history = (config_path.parent / "work" / "reports" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 2
