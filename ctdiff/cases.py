@@ -59,12 +59,17 @@ def discover_cases(input_dir: str | Path) -> list[CaseRef]:
                     continue
                 if (child.is_file() and child.suffix.lower() == ".zip") or child.is_dir():
                     add(child, entry.name)
+    return check_unique_ids(refs)
+
+
+def check_unique_ids(refs: list[CaseRef]) -> list[CaseRef]:
+    """`refs` unchanged, or a ValueError naming two cases that share an id."""
     seen: dict[str, CaseRef] = {}
     for ref in refs:
         if ref.id in seen:
             raise ValueError(
                 f"two cases have the id {ref.id!r} ({seen[ref.id].category}/ and {ref.category}/); "
-                "rename one of the files"
+                "rename one of them"
             )
         seen[ref.id] = ref
     return refs

@@ -9,7 +9,6 @@ folder and moved into place.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import uuid
@@ -23,6 +22,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from ctdiff.dicom import AIR_HU
 from ctdiff.nifti import directions
+from ctdiff.store import replace_dir
 from ctdiff.volume import Volume
 
 # Values that stay true for the derived series. Patient, Patient Study and General Study
@@ -97,7 +97,7 @@ def write_dicom_series(
             ds = _slice_dataset(base, k + 1, position, float(volume.z_mm[k]), stored, new_uid())
             names.append(file_name(k + 1))
             ds.save_as(tmp / names[-1], enforce_file_format=True)
-        _move_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():  # only when writing failed
             shutil.rmtree(tmp)
@@ -168,14 +168,3 @@ def _slice_dataset(base: Dataset, instance: int, position: np.ndarray, z_mm: flo
     ds.SliceLocation = format_number_as_ds(z_mm)
     ds.PixelData = np.ascontiguousarray(stored).tobytes()
     return ds
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Swap the finished folder in; an earlier output of ours is removed only after the move."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old)

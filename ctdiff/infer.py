@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctdiff.cases import UNCATEGORIZED, CaseRef, _case_id
+from ctdiff.cases import UNCATEGORIZED, CaseRef, _case_id, check_unique_ids
 from ctdiff.dicom import AIR_HU
 from ctdiff.errors import CaseError
 from ctdiff.infer_io import OutputFormat, output_format, read_thick, write_output
@@ -187,15 +187,7 @@ def discover_inputs(input_dir: str | Path) -> list[CaseRef]:
         for child in children:
             if child.is_dir() or _is_case_file(child):
                 add(child, entry.name)
-    seen: dict[str, CaseRef] = {}
-    for ref in refs:
-        if ref.id in seen:
-            raise ValueError(
-                f"two cases have the id {ref.id!r} ({seen[ref.id].category}/ and {ref.category}/); "
-                "rename one of them"
-            )
-        seen[ref.id] = ref
-    return refs
+    return check_unique_ids(refs)
 
 
 def _visible(folder: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Prefect tasks over the diffusion model: training (resumable, cached when finished) and inference."""
+"""Prefect tasks over the diffusion model: training (resumable, cached when finished)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from ctdiff.config import Config
@@ -14,7 +13,7 @@ from ctdiff.fingerprint import code_version
 from ctdiff.latents import LatentStore
 from ctdiff.store import CaseStore
 from tasks.progress import Progress, training_reporter
-from tasks.training import OutputCache, finished_checkpoint, retry_training, training_key
+from tasks.training import finished_checkpoint, training_key, training_task
 
 
 def diffusion_dir(config: Config) -> Path:
@@ -55,14 +54,7 @@ def _finished(inputs: dict[str, Any]) -> bool:
     return finished_checkpoint(diffusion_dir(config) / "last.pt", config.train_diffusion.steps)
 
 
-@task(
-    name="train-diffusion",
-    cache_policy=OutputCache(key_fn=_training_key, done_fn=_finished),
-    retries=2,
-    retry_delay_seconds=10,
-    retry_condition_fn=retry_training,
-    persist_result=True,
-)
+@training_task("train-diffusion", key_fn=_training_key, done_fn=_finished)
 def train_diffusion_task(config: Config, vae: dict) -> dict:
     """Train (or resume) the latent diffusion model on the latents of VAE `vae` ({path, digest})."""
     from ctdiff.train_diffusion import train_diffusion

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
@@ -97,3 +98,16 @@ def file_state_key(kind: str, path: Path) -> str | None:
 
 def training_key(kind: str, sections: dict[str, Any], data: Any, code: str) -> str:
     return settings_digest(f"train-{kind}", sections, data, code)
+
+
+def training_task(name: str, key_fn: Callable[[dict[str, Any]], str], done_fn: Callable[[dict[str, Any]], bool]):
+    """The decorator of a training task: cached under `key_fn` while `done_fn` finds the finished
+    checkpoint, and retried after crashes (each retry resumes from `last.pt`)."""
+    return task(
+        name=name,
+        cache_policy=OutputCache(key_fn=key_fn, done_fn=done_fn),
+        retries=2,
+        retry_delay_seconds=10,
+        retry_condition_fn=retry_training,
+        persist_result=True,
+    )

@@ -26,8 +26,8 @@ from tasks.training import (
     file_state_key,
     finished_checkpoint,
     is_transient,
-    retry_training,
     training_key,
+    training_task,
 )
 
 
@@ -62,14 +62,7 @@ def _vae_finished(inputs: dict[str, Any]) -> bool:
     return finished_checkpoint(_vae_dir(config) / "last.pt", config.train_vae.steps)
 
 
-@task(
-    name="train-vae",
-    cache_policy=OutputCache(key_fn=_vae_training_key, done_fn=_vae_finished),
-    retries=2,
-    retry_delay_seconds=10,
-    retry_condition_fn=retry_training,
-    persist_result=True,
-)
+@training_task("train-vae", key_fn=_vae_training_key, done_fn=_vae_finished)
 def train_vae_task(config: Config) -> dict:
     """Train (or resume, or adopt pretrained weights); returns paths and the best val PSNR."""
     out_dir = _vae_dir(config)
