@@ -97,7 +97,24 @@ def findings(source: EvaluationResult | dict[str, Any]) -> list[str]:
             gap = ceiling["psnr"] - mine["psnr"]
             side = "below" if gap >= 0 else "above"
             out.append(f"{_label(model)} is {abs(gap):.2f} dB PSNR {side} the VAE ceiling (all slices)")
+    out += _ceiling_findings(methods, baselines)
     return out
+
+
+def _ceiling_findings(methods: dict, baselines: list[str]) -> list[str]:
+    """Say so when the VAE alone loses to a baseline: then no model on its latents can win."""
+    ceiling = (methods.get("vae_ceiling") or {}).get("in_between") or {}
+    scored = [b for b in baselines if (methods[b].get("in_between") or {}).get("psnr") is not None]
+    if ceiling.get("psnr") is None or not scored:
+        return []
+    worst = min(scored, key=lambda b: methods[b]["in_between"]["psnr"])
+    if ceiling["psnr"] > methods[worst]["in_between"]["psnr"]:
+        return []
+    return [
+        f"the VAE ceiling ({ceiling['psnr']:.2f} dB on in-between slices) is below {worst} "
+        f"({methods[worst]['in_between']['psnr']:.2f} dB): the VAE, not the diffusion model, is what "
+        "limits the result; train it longer or adopt pretrained weights (vae.pretrained)"
+    ]
 
 
 def _region_findings(methods: dict, model: str, baselines: list[str], region: str, where: str) -> list[str]:

@@ -268,6 +268,12 @@ def test_findings_say_when_the_model_does_not_beat_a_baseline():
     assert "the model beats nearest on 0 of 1 cases (in-between PSNR)" in lines
     assert "the model is 3.00 dB PSNR below the VAE ceiling (all slices)" in lines
     assert not any("only" in line for line in lines)
+    assert not any("limits the result" in line for line in lines)
+
+    metrics["methods"]["vae_ceiling"] = _stats(25.0, 0.70, (24.0, 0.69))
+    assert ("the VAE ceiling (24.00 dB on in-between slices) is below cubic (29.50 dB): the VAE, not the "
+            "diffusion model, is what limits the result; train it longer or adopt pretrained weights "
+            "(vae.pretrained)") in findings(metrics)
 
 
 # -- history ---------------------------------------------------------------------------------------
