@@ -59,8 +59,17 @@ class SplitConfig(_Section):
 
 class DaskConfig(_Section):
     address: str | None = None  # an existing scheduler (tcp://host:8786); null starts a LocalCluster
-    n_workers: int = Field(2, ge=1)  # LocalCluster size; each worker decodes one case at a time
-    memory_limit: str = "4GiB"  # per LocalCluster worker; a case needs ~3x its raw HU size
+    n_workers: int = Field(2, ge=1)  # LocalCluster (or KubeCluster) size; a worker decodes one case at a time
+    memory_limit: str = "4GiB"  # per worker; a case needs ~3x its raw HU size
+    # Inside a ctdiff Kubernetes pod: start a KubeCluster of n_workers pods (dask-kubernetes
+    # operator) with the pod's image and data volume, removed when the flow ends.
+    kubernetes: bool = False
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> "DaskConfig":
+        if self.address and self.kubernetes:
+            raise ValueError("set either address (an existing scheduler) or kubernetes: true, not both")
+        return self
 
 
 class PreprocessConfig(_Section):

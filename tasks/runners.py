@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import uuid
+from pathlib import Path
 
 import dask
 
@@ -25,7 +28,8 @@ def use_worker_prespawn_env() -> None:
 
 
 def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
-    """An existing scheduler when `address` is set, else a LocalCluster of worker processes.
+    """An existing scheduler when `address` is set, a KubeCluster with `kubernetes`, else a
+    LocalCluster of worker processes.
 
     One thread per worker: a case decode holds ~3x a case's HU in memory and is mostly
     single-threaded, so processes, not threads, add throughput.
@@ -35,6 +39,14 @@ def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if config.address:
         return DaskTaskRunner(address=config.address)
+    if config.kubernetes:
+        from dask_kubernetes.operator import KubeCluster  # the k8s extra
+
+        return DaskTaskRunner(
+            cluster_class=KubeCluster,
+            cluster_kwargs={"custom_cluster_spec": kube_cluster_spec(config, dict(os.environ)),
+                            "namespace": _pod_namespace(), "shutdown_on_close": True},
+        )
     # Worker processes must report to the API this flow run uses: without PREFECT_API_URL that
     # is an embedded server they would not know of, and each would start its own.
     with get_client(sync_client=True) as client:
@@ -50,3 +62,56 @@ def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
             "env": {"PREFECT_API_URL": api_url},
         }
     )
+
+
+# Where the ctdiff pool templates (deployments/*-job-template.json) mount the shared volume and
+# what they tell the flow's pod about itself, so Dask worker pods can be made alike.
+DATA_MOUNT = "/opt/ctdiff/data"
+PROJECT_DIR = "/opt/ctdiff"
+_SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def kube_cluster_spec(config: DaskConfig, env: dict[str, str]) -> dict:
+    """A DaskCluster resource (dask-kubernetes operator) whose scheduler and `n_workers` workers
+    run the flow pod's image with its data volume, working directory and Prefect settings.
+
+    `env` is the flow pod's environment: CTDIFF_IMAGE and CTDIFF_VOLUME_CLAIM (set by our pool
+    templates), PREFECT_API_URL (set by the worker) and PREFECT_RESULTS_LOCAL_STORAGE_PATH.
+    """
+    from dask_kubernetes.operator import make_cluster_spec
+
+    missing = [name for name in ("CTDIFF_IMAGE", "CTDIFF_VOLUME_CLAIM", "PREFECT_API_URL") if not env.get(name)]
+    if missing:
+        raise ValueError(
+            f"preprocess.dask.kubernetes: {', '.join(missing)} not set; run the flow from a ctdiff "
+            "Kubernetes pool (deployments/setup.sh), or use preprocess.dask.address or n_workers instead"
+        )
+    worker_env = {
+        "PREFECT_API_URL": env["PREFECT_API_URL"],
+        **{k: env[k] for k in ("PREFECT_API_KEY", "PREFECT_RESULTS_LOCAL_STORAGE_PATH") if env.get(k)},
+        **WORKER_PRESPAWN_ENV,
+    }
+    memory = config.memory_limit.replace("iB", "i")  # Dask's GiB is Kubernetes' Gi
+    spec = make_cluster_spec(
+        name=f"ctdiff-preprocess-{uuid.uuid4().hex[:8]}",
+        image=env["CTDIFF_IMAGE"],
+        n_workers=config.n_workers,
+        resources={"requests": {"memory": memory}, "limits": {"memory": memory}},
+        env=worker_env,
+    )
+    worker_args = spec["spec"]["worker"]["spec"]["containers"][0]["args"]
+    worker_args += ["--nthreads", "1", "--memory-limit", config.memory_limit]
+    for role in ("scheduler", "worker"):
+        pod = spec["spec"][role]["spec"]
+        pod["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": env["CTDIFF_VOLUME_CLAIM"]}}]
+        for container in pod["containers"]:
+            container["volumeMounts"] = [{"name": "data", "mountPath": DATA_MOUNT}]
+            container["workingDir"] = PROJECT_DIR  # relative config paths (data/...) resolve as in the flow pod
+    return spec
+
+
+def _pod_namespace() -> str | None:
+    """The flow pod's namespace (None outside a pod: the kube config's default)."""
+    if _SERVICE_ACCOUNT_NAMESPACE.is_file():
+        return _SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+    return None
