@@ -2,6 +2,7 @@
 
 import io
 import zipfile
+from datetime import datetime, timezone
 
 import numpy as np
 import pydicom
@@ -101,6 +102,7 @@ def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
     overrides = [f"paths.input={root}", f"paths.store={store_path}", "preprocess.resolution=null",
                  "preprocess.dask.n_workers=1", "preprocess.retries=0"]
     overrides.append(f"paths.work={tmp_path / 'work'}")
+    started = datetime.now(timezone.utc)  # the Prefect server is shared with other flow tests
     result = preprocess(config=None, overrides=overrides)
     assert {k: result[k] for k in ("store", "ok", "quarantined")} == {"store": str(store_path), "ok": 4, "quarantined": 4}
     assert [p.endswith(".png") for p in result["previews"]] == [True] * 3
@@ -137,7 +139,7 @@ def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
     # run logs (from the Dask workers too) hold patient data.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
-    from prefect.client.schemas.filters import LogFilter
+    from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
     from prefect.client.schemas.sorting import ArtifactSort, LogSort
 
     with get_client(sync_client=True) as client:
@@ -147,10 +149,13 @@ def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
             flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
             sort=ArtifactSort.CREATED_DESC, limit=10, offset=0,
         )
-        logs = client.read_logs(log_filter=LogFilter(), limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)
+        logs = client.read_logs(log_filter=LogFilter(timestamp=LogFilterTimestamp(after_=started)),
+                                limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)
     log_text = "\n".join(log.message for log in logs)
     assert "found 8 cases" in log_text and "Finished in state" in log_text
-    texts = {a.key: str(a.data) for a in artifacts}
+    texts: dict[str, str] = {}
+    for artifact in artifacts:  # newest first: this run's, not an earlier test's
+        texts.setdefault(artifact.key, str(artifact.data))
     assert set(texts) == {"preprocess-cases", "preprocess-summary"}
     table = texts["preprocess-cases"]
     assert "corrupt zip" in table and all(p.stem in table for p in good)
