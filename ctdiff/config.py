@@ -118,6 +118,8 @@ class TrainVaeConfig(_Section):
     device: str = "auto"  # auto: cuda if present, else cpu
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     grad_checkpointing: bool | None = None  # null: on for CUDA, off on CPU
+    # DDP processes, started with torchrun (ctdiff.distributed); null = one per visible GPU, 1 on CPU
+    processes: int | None = Field(None, ge=1)
 
 
 class EncodeConfig(_Section):

@@ -16,6 +16,7 @@ from ctdiff import latents
 from ctdiff.checkpoint import checkpoint_digest, load_vae
 from ctdiff.config import Config
 from ctdiff.devices import resolve_device
+from ctdiff.distributed import launch_train_vae, training_processes
 from ctdiff.fingerprint import code_version, file_digest
 from ctdiff.store import CaseStore
 from ctdiff.train_vae import train_vae
@@ -64,10 +65,18 @@ def _vae_finished(inputs: dict[str, Any]) -> bool:
 
 @training_task("train-vae", key_fn=_vae_training_key, done_fn=_vae_finished)
 def train_vae_task(config: Config) -> dict:
-    """Train (or resume, or adopt pretrained weights); returns paths and the best val PSNR."""
+    """Train (or resume, or adopt pretrained weights); returns paths and the best val PSNR.
+
+    With more than one training process (`train_vae.processes`, or one per visible GPU), the
+    training runs under torchrun (DDP) in child processes; this task waits and relays progress.
+    """
     out_dir = _vae_dir(config)
+    processes = training_processes(config.train_vae)
     with Progress(config.train_vae.steps, "step", "train-vae") as bar:
-        summary = train_vae(CaseStore(config.paths.store), out_dir, config, training_reporter(bar))
+        if processes > 1:
+            summary = launch_train_vae(config.paths.store, out_dir, config, processes, training_reporter(bar))
+        else:
+            summary = train_vae(CaseStore(config.paths.store), out_dir, config, training_reporter(bar))
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in summary.items()}
     create_markdown_artifact(
         key="train-vae",
