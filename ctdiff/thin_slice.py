@@ -25,7 +25,8 @@ from ctdiff.diffusion import build_unet, condition, get_preset, latent_z
 from ctdiff.latents import decode_latents, encode_volume
 from ctdiff.samplers import StepProgress, make_sampler
 from ctdiff.sliding import sample_volume
-from ctdiff.train_vae import _autocast, reconstruct_volume
+from ctdiff.train_vae import reconstruct_volume
+from ctdiff.training_loop import autocast_context
 
 
 class ThinSliceModel:
@@ -52,7 +53,7 @@ class ThinSliceModel:
         window = config.preprocess.window
         self.window = (window.center_hu, window.width_hu)
         self.size_multiple = get_preset(config.diffusion.preset).size_multiple
-        self._autocast = _autocast(self.device, config.train_diffusion.precision)  # as in training
+        self._autocast = autocast_context(self.device, config.train_diffusion.precision)  # as in training
 
     @property
     def sampler_name(self) -> str:

@@ -22,7 +22,6 @@ rng {torch, noise, numpy, cuda}, config (resolved), vae {path, relative_path, di
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +39,8 @@ from ctdiff.plots import plot_training_curves
 from ctdiff.samplers import make_sampler
 from ctdiff.store import CaseStore
 from ctdiff.thin_slice import ThinSliceModel, vae_record
-from ctdiff.train_vae import _autocast, _Reporter
+from ctdiff.training_loop import Progress, StepReporter, autocast_context
 
-Progress = Callable[[dict], None]
 
 
 def train_diffusion(
@@ -106,9 +104,9 @@ def train_diffusion(
     del resume
 
     val_ids = (case_store.ids(split="val") or train_ids)[: tc.val_cases]
-    autocast = _autocast(device, tc.precision)
+    autocast = autocast_context(device, tc.precision)
     thin_model = ThinSliceModel(ema.module, vae, config, scale_factor, spacing["thick_mm"], spacing["thin_mm"], device)
-    reporter = _Reporter(progress, step, tc.steps)
+    reporter = StepReporter(progress, step, tc.steps)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +34,7 @@ from ctdiff.patches import PatchSampler
 from ctdiff.plots import plot_training_curves
 from ctdiff.pretrained import load_pretrained
 from ctdiff.store import CaseStore
-
-Progress = Callable[[dict], None]
-_PROGRESS_INTERVAL_S = 0.5  # at most ~2 progress reports a second, plus one per validation/checkpoint
+from ctdiff.training_loop import Progress, StepReporter, autocast_context
 
 
 def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progress | None = None) -> dict:
@@ -101,9 +97,9 @@ def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progres
     del resume
 
     val_ids = (store.ids(split="val") or store.ids(split="train"))[: tc.val_cases]
-    autocast = _autocast(device, tc.precision)
+    autocast = autocast_context(device, tc.precision)
     train_model, train_disc = dist.wrap(model, device), dist.wrap(disc, device)
-    reporter = _Reporter(progress if dist.is_main else None, step, tc.steps)
+    reporter = StepReporter(progress if dist.is_main else None, step, tc.steps)
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
 
     def save(path: Path) -> None:
@@ -287,12 +283,6 @@ def _build_model(config: Config, device: torch.device) -> CtAutoencoder:
     return CtAutoencoder(config.vae.preset, num_splits=config.vae.num_splits, checkpointing=checkpointing)
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _restore_rng(saved: dict, sampler: PatchSampler, dist: "_Distributed", seed: int, step: int) -> None:
     if dist.enabled:  # one saved state cannot serve every rank: re-seed deterministically
         sampler.set_rng_state(np.random.default_rng([seed, dist.rank, step]).bit_generator.state)
@@ -302,25 +292,6 @@ def _restore_rng(saved: dict, sampler: PatchSampler, dist: "_Distributed", seed:
     sampler.set_rng_state(saved["numpy"])
     if saved.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
-
-
-class _Reporter:
-    """Calls `progress` at most every _PROGRESS_INTERVAL_S seconds, or when forced."""
-
-    def __init__(self, progress: Progress | None, start_step: int, steps: int):
-        self.progress, self.start_step, self.steps = progress, start_step, steps
-        self.started = self.last = time.perf_counter()
-
-    def __call__(self, step: int, loss: float | None, val_psnr: float | None, force: bool = False) -> None:
-        now = time.perf_counter()
-        if self.progress is None or (not force and now - self.last < _PROGRESS_INTERVAL_S):
-            return
-        self.last = now
-        per_step = (now - self.started) / max(step - self.start_step, 1)
-        self.progress({
-            "step": step, "steps": self.steps, "loss": loss, "val_psnr": val_psnr,
-            "seconds_per_step": per_step, "eta_s": per_step * (self.steps - step),
-        })
 
 
 # -- multi-GPU (torchrun) --------------------------------------------------------------------------
