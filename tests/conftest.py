@@ -17,3 +17,36 @@ def prefect_harness(tmp_path_factory):
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
         with prefect_test_harness(server_startup_timeout=180):
             yield storage
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One OpenMP thread for the module: two stall each other when another process holds a core
+    (as parallel runs do), and one is as fast for the tiny models of the tests."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae_store(tmp_path_factory):
+    """Three synthetic 32 px cases ingested at native resolution: two train, one val."""
+    from ctdiff.cases import discover_cases
+    from ctdiff.preprocess import decode_case, resize_case
+    from ctdiff.store import CaseStore
+    from ctdiff.synth import SynthSpec, synthesize
+
+    root = tmp_path_factory.mktemp("vae-store")
+    synthesize(root / "in", SynthSpec(n_cases=3, size=32, n_thin=20))
+    store = CaseStore(root / "store.zarr")
+    store.create()
+    refs = discover_cases(root / "in")
+    for ref in refs:
+        decode_case(ref, store)
+        resize_case(ref, store, resolution=None)
+    ids = sorted(ref.id for ref in refs)
+    store.set_splits({ids[0]: "train", ids[1]: "train", ids[2]: "val"})
+    return store

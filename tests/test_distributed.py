@@ -3,27 +3,8 @@
 import pytest
 import torch
 
-from ctdiff.cases import discover_cases
 from ctdiff.config import load_config
 from ctdiff.distributed import launch_train_vae, training_processes
-from ctdiff.preprocess import decode_case, resize_case
-from ctdiff.store import CaseStore
-from ctdiff.synth import SynthSpec, synthesize
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp-store")
-    synthesize(root / "in", SynthSpec(n_cases=3, size=32, n_thin=20))
-    store = CaseStore(root / "store.zarr")
-    store.create()
-    refs = discover_cases(root / "in")
-    for ref in refs:
-        decode_case(ref, store)
-        resize_case(ref, store, resolution=None)
-    ids = sorted(ref.id for ref in refs)
-    store.set_splits({ids[0]: "train", ids[1]: "train", ids[2]: "val"})
-    return store
 
 
 def _config(steps: int):
@@ -39,10 +20,10 @@ def test_processes_default_to_one_per_gpu_and_one_on_the_cpu():
     assert training_processes(load_config(None, ["train_vae.device=cpu"]).train_vae) == 1
 
 
-def test_two_ranks_train_checkpoint_and_resume(store, tmp_path):
+def test_two_ranks_train_checkpoint_and_resume(vae_store, tmp_path):
     out = tmp_path / "vae"
     reports = []
-    summary = launch_train_vae(store.path, out, _config(3), 2, reports.append)
+    summary = launch_train_vae(vae_store.path, out, _config(3), 2, reports.append)
     assert summary["step"] == 3 and summary["resumed_from"] is None
     assert [r["step"] for r in reports][-1] == 3  # rank 0's progress reached the caller
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
@@ -50,12 +31,12 @@ def test_two_ranks_train_checkpoint_and_resume(store, tmp_path):
     assert not any(key.startswith("module.") for key in last["model"])  # saved unwrapped, loadable alone
     assert summary["best_val_psnr"] is not None and (out / "best.pt").is_file()
 
-    resumed = launch_train_vae(store.path, out, _config(6), 2)
+    resumed = launch_train_vae(vae_store.path, out, _config(6), 2)
     assert resumed["step"] == 6 and resumed["resumed_from"] == 3
 
 
-def test_a_failed_launch_is_a_runtime_error_with_the_ranks_output(store, tmp_path):
+def test_a_failed_launch_is_a_runtime_error_with_the_ranks_output(vae_store, tmp_path):
     config = _config(3)
     config.vae.pretrained = tmp_path / "missing.pt"
     with pytest.raises(RuntimeError, match="exited with code"):
-        launch_train_vae(store.path, tmp_path / "vae", config, 2)
+        launch_train_vae(vae_store.path, tmp_path / "vae", config, 2)

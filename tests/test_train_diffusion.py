@@ -22,13 +22,7 @@ CASES = {"a": (5, 15, "train"), "b": (3, 12, "val")}  # id: (thick/thin ratio, t
 THIN_MM = 5.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # As in test_train_vae: one OpenMP thread is as fast for tiny models and timing-stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_case(store: CaseStore, case_id: str, index: int, ratio: int, n_thin: int) -> None:

@@ -4,42 +4,21 @@ import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
 from ctdiff.autoencoder import PRESETS, CtAutoencoder
-from ctdiff.cases import discover_cases
 from ctdiff.checkpoint import load_vae
 from ctdiff.config import load_config
 from ctdiff.patches import PatchSampler
-from ctdiff.preprocess import decode_case, resize_case
 from ctdiff.pretrained import WeightsMismatch
-from ctdiff.store import CaseStore
-from ctdiff.synth import SynthSpec, synthesize
 from ctdiff.train_vae import train_vae, validate
 
 WINDOW = (40.0, 400.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two OpenMP threads stall each other badly when another process holds a core (as parallel
-    # test runs do); one thread is as fast for these tiny models and timing-stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vae-store")
-    synthesize(root / "in", SynthSpec(n_cases=3, size=32, n_thin=20))
-    store = CaseStore(root / "store.zarr")
-    store.create()
-    refs = discover_cases(root / "in")
-    for ref in refs:
-        decode_case(ref, store)
-        resize_case(ref, store, resolution=None)
-    ids = sorted(ref.id for ref in refs)
-    store.set_splits({ids[0]: "train", ids[1]: "train", ids[2]: "val"})
-    return store
+def store(vae_store):
+    return vae_store
 
 
 def _config(*overrides: str, preset: str = "slice-kl-tiny"):
