@@ -166,6 +166,11 @@ class InferConfig(_Section):
     seed: int = 0
     device: str = "auto"
     sample_steps: int | None = Field(None, ge=1)  # null: the checkpoint's diffusion.sample_steps
+    # The `infer` flow (deployments); `ctdiff infer` takes these as --checkpoint/--input/--output.
+    checkpoint: str = "best"  # best | last (under checkpoints/diffusion) | a path
+    input: Path | None = None  # a folder of cases (ZIPs, DICOM folders, .nii/.nii.gz)
+    output: Path | None = None  # a folder: <case>.nii.gz or <case>/ (DICOM) per case
+    format: Literal["nifti", "dicom"] = "nifti"
 
 
 class Config(_Section):

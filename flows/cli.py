@@ -183,8 +183,13 @@ def print_result(name: str, result: dict) -> None:
         print(f"diffusion model at step {result['step']}{fit}")
         print(f"checkpoints: {result['best']} (best), {result['last']} (last); loss curve: {result['loss_plot']}")
     elif name == "evaluate":
+        from ctdiff.evaluate import load_metrics
+        from ctdiff.report import findings
+
         print(f"\n{result['table']}\n")
-        print(f"report: {result['report_dir']}/report.md")
+        for line in findings(load_metrics(Path(result["report_dir"]) / "metrics.json")):
+            print(f"- {line}")
+        print(f"\nreport: {result['report_dir']}/report.md")
     elif name == "pipeline":
         for stage, stage_result in result.items():
             print(f"\n== {stage}")

@@ -36,6 +36,7 @@ FLOWS = {
     "train-diffusion": "flows/train_diffusion.py:train_diffusion",
     "evaluate": "flows/evaluate.py:evaluate",
     "pipeline": "flows/pipeline.py:pipeline",
+    "infer": "flows/infer.py:infer",
 }
 K8S_POOL = {name: "ctdiff-cpu" if name == "preprocess" else "ctdiff-gpu" for name in FLOWS}
 

@@ -142,3 +142,37 @@ def test_second_run_redoes_only_what_changed(config_path, first_run, prefect_har
     assert third["evaluate"]["report_dir"] == second["evaluate"]["report_dir"]
     history = (config_path.parent / "work" / "reports" / "history.jsonl").read_text().splitlines()
     assert len(history) == 2
+
+
+def test_infer_flow_writes_every_case_and_caches_them(config_path, first_run, tmp_path, prefect_harness):
+    import shutil
+
+    import nibabel as nib
+
+    from flows.infer import infer
+
+    cases = sorted((config_path.parent / "cases").rglob("*.zip"))[:2]
+    new = tmp_path / "new"
+    new.mkdir()
+    for case in cases:
+        shutil.copy(case, new / case.name)
+    (new / "broken.zip").write_bytes(b"not a zip")
+    overrides = [f"infer.input={new}", f"infer.output={tmp_path / 'thin'}", "infer.sample_steps=2", "infer.device=cpu"]
+
+    started = time.time()
+    result = infer(config=str(config_path), overrides=overrides)
+    assert (result["ok"], result["failed"]) == (2, 1)
+    by_id = {r["id"]: r for r in result["cases"]}
+    assert by_id["broken"]["reason"] == "corrupt zip"
+    for case in cases:
+        image = nib.load(tmp_path / "thin" / f"{case.stem}.nii.gz")
+        assert image.shape[2] == by_id[case.stem]["n_thin"] == 5 * by_id[case.stem]["n_thick"]
+        assert image.header.get_zooms()[2] == pytest.approx(1.0)
+    assert {name: states for name, states in _task_runs_since(started).items() if name.startswith("infer-")} == {
+        f"infer-{case.stem}": ["Completed"] for case in [*cases, new / "broken.zip"]}
+
+    # Again: the written cases are cache hits; the broken one is tried again (it has no output).
+    started = time.time()
+    infer(config=str(config_path), overrides=overrides)
+    states = {name: s for name, s in _task_runs_since(started).items() if name.startswith("infer-")}
+    assert states == {**{f"infer-{case.stem}": ["Cached"] for case in cases}, "infer-broken": ["Completed"]}

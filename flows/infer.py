@@ -1,0 +1,47 @@
+"""Flow `infer`: thin volumes for a folder of new cases with a diffusion checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from ctdiff.config import load_config
+from ctdiff.infer import discover_inputs
+from tasks.evaluate import digest_checkpoint
+from tasks.infer import checkpoint_path, infer_case, report_inference
+from tasks.progress import Progress
+from tasks.vae import device_name
+
+
+@flow(name="infer")
+def infer(config: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Every case under `infer.input` through `infer.checkpoint` into `infer.output`.
+
+    Cases run one after another on one model and device; each is cached on its content, the
+    checkpoint's weights and the sampling settings, so a re-run only does new or changed cases.
+    A case that cannot be read is reported as failed; the flow fails only when none succeeded.
+    """
+    cfg = load_config(config, overrides or [])
+    ic = cfg.infer
+    if ic.input is None or ic.output is None:
+        raise ValueError("infer.input and infer.output: set both, e.g. --set infer.input=data/new --set infer.output=data/thin")
+    checkpoint = digest_checkpoint(str(checkpoint_path(cfg)))
+    refs = discover_inputs(ic.input)
+    if not refs:
+        raise ValueError(f"infer.input: no cases (ZIP, DICOM folder, .nii or .nii.gz) in {ic.input}")
+    output_dir = Path(ic.output)
+    device = device_name(ic.device)
+    results = []
+    with Progress(len(refs), "case", "infer") as progress:
+        for ref in refs:
+            out = output_dir / (f"{ref.id}.nii.gz" if ic.format == "nifti" else ref.id)
+            ref_dict = {"id": ref.id, "path": ref.path, "category": ref.category}
+            results.append(infer_case(ref_dict, str(out), checkpoint, ic.seed, ic.sample_steps, device))
+            progress.advance(case=ref.id)
+    report_inference(results, str(output_dir))
+    counts = {status: sum(r["status"] == status for r in results) for status in ("ok", "failed")}
+    get_run_logger().info("inferred %d of %d cases into %s", counts["ok"], len(results), output_dir)
+    if counts["ok"] == 0:
+        raise RuntimeError(f"no case could be inferred ({counts['failed']} failed); see the infer-cases artifact")
+    return {"output": str(output_dir), **counts, "cases": results}

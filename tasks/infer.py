@@ -1,0 +1,81 @@
+"""Prefect tasks of `infer`: one cached, retried task per case, and the summary artifact."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from ctdiff.config import Config
+from ctdiff.errors import CaseError
+from ctdiff.fingerprint import code_version, file_digest, settings_digest
+from tasks.diffusion import diffusion_dir
+from tasks.training import OutputCache, is_transient
+
+
+def checkpoint_path(config: Config) -> Path:
+    """`infer.checkpoint`: best | last under checkpoints/diffusion, or a path."""
+    choice = config.infer.checkpoint
+    return diffusion_dir(config) / f"{choice}.pt" if choice in ("best", "last") else Path(choice)
+
+
+@lru_cache(maxsize=1)
+def _model(path: str, digest: str, device: str):
+    # One load per process and checkpoint, not one per case.
+    from ctdiff.thin_slice import ThinSliceModel
+
+    return ThinSliceModel.load(path, device)
+
+
+@lru_cache(maxsize=1)
+def _code_version() -> str:
+    import ctdiff.infer
+    import ctdiff.infer_io
+    import ctdiff.thin_slice
+
+    return code_version(ctdiff.infer, ctdiff.infer_io, ctdiff.thin_slice)
+
+
+def _case_key(inputs: dict[str, Any]) -> str:
+    """The case's content, the checkpoint's weights, seed, steps, output format and the code."""
+    output = inputs["output"]
+    return settings_digest(
+        "infer", file_digest(inputs["ref"]["path"]), inputs["checkpoint"]["digest"], inputs["seed"],
+        inputs["sample_steps"], output.endswith((".nii", ".nii.gz")), _code_version(),
+    )
+
+
+def _output_written(inputs: dict[str, Any]) -> bool:
+    return Path(inputs["output"]).exists()
+
+
+@task(
+    name="infer-case",
+    task_run_name="infer-{ref[id]}",
+    cache_policy=OutputCache(key_fn=_case_key, done_fn=_output_written),
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=is_transient,
+    persist_result=True,
+)
+def infer_case(ref: dict, output: str, checkpoint: dict, seed: int, sample_steps: int | None, device: str) -> dict:
+    """The thin volume of one case (`ref`: id, path, category) at `output`; a case that cannot be
+    read gets status "failed" and its reason, so the others go on."""
+    from ctdiff.infer import infer_case as run
+
+    model = _model(checkpoint["path"], checkpoint["digest"], device)
+    entry = {"id": ref["id"], "category": ref["category"]}
+    try:
+        summary = run(ref["path"], output, model.predictor(seed, sample_steps), model.window, model.thin_mm)
+    except CaseError as error:
+        return {**entry, "status": "failed", "reason": error.reason, "output": None}
+    return {**entry, "status": "ok", "reason": None, **summary}
+
+
+@task(name="report-inference")
+def report_inference(results: list[dict], output_dir: str) -> None:
+    rows = [{k: r.get(k) for k in ("id", "status", "reason", "n_thick", "n_thin", "thin_mm", "seconds")} for r in results]
+    create_table_artifact(key="infer-cases", table=rows, description=f"Thin volumes in {output_dir}")
