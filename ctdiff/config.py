@@ -152,6 +152,8 @@ class TrainDiffusionConfig(_Section):
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # DDP processes, started with torchrun (ctdiff.distributed); null = one per visible GPU, 1 on CPU
+    processes: int | None = Field(None, ge=1)
 
 
 class EvaluateConfig(_Section):

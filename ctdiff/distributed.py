@@ -1,14 +1,15 @@
-"""VAE training on several processes (DDP), started with torchrun from one calling process.
+"""Training on several processes (DDP), started with torchrun from one calling process.
 
-A flow run is one process; DDP wants one process per GPU. `launch_train_vae` bridges the two:
-it writes the resolved config beside the checkpoints, runs
+A flow run is one process; DDP wants one process per GPU. `launch_training` bridges the two:
+it writes a job (what to train, the resolved config, where the data is) beside the
+checkpoints, runs
 
-    python -m torch.distributed.run --standalone --nproc_per_node=N -m ctdiff.distributed ...
+    python -m torch.distributed.run --standalone --nproc_per_node=N -m ctdiff.distributed JOB.json
 
-whose ranks each run `ctdiff.train_vae.train_vae` (DDP under torchrun's WORLD_SIZE; NCCL on
-GPUs, gloo on the CPU), relays rank 0's progress to the caller and returns rank 0's summary.
-A rank that dies fails the launch with a RuntimeError, so the calling task's retry resumes from
-`last.pt` like a single-process run would.
+whose ranks each run `ctdiff.train_vae.train_vae` or `ctdiff.train_diffusion.train_diffusion`
+(DDP under torchrun's WORLD_SIZE; NCCL on GPUs, gloo on the CPU), relays rank 0's progress to
+the caller and returns rank 0's summary. A rank that dies fails the launch with a RuntimeError,
+so the calling task's retry resumes from `last.pt` like a single-process run would.
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from ctdiff.config import Config, TrainVaeConfig
+from ctdiff.config import Config, TrainDiffusionConfig, TrainVaeConfig
 from ctdiff.devices import resolve_device
 
+Kind = Literal["vae", "diffusion"]
 PROGRESS_PREFIX = "ctdiff-progress "  # rank 0's progress lines on stdout; everything else is passed on
 _TAIL_LINES = 40  # of a failed launch's output, in the error
 
 
-def training_processes(config: TrainVaeConfig) -> int:
-    """`train_vae.processes`, or (null) one per visible GPU when training on CUDA, else 1."""
+def training_processes(config: TrainVaeConfig | TrainDiffusionConfig) -> int:
+    """`processes`, or (null) one per visible GPU when training on CUDA, else 1."""
     if config.processes is not None:
         return config.processes
     if resolve_device(config.device).type == "cuda":
@@ -38,21 +41,27 @@ def training_processes(config: TrainVaeConfig) -> int:
     return 1
 
 
-def launch_train_vae(
-    store_path: str | Path, out_dir: str | Path, config: Config, processes: int,
+def launch_training(
+    kind: Kind, config: Config, out_dir: str | Path, processes: int, data: dict[str, str],
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """`train_vae` on `processes` DDP ranks; returns rank 0's summary (see `train_vae`)."""
+    """Train `kind` on `processes` DDP ranks; returns rank 0's summary.
+
+    `data` names the inputs as paths: {"store"} for the VAE; {"store", "latent_root",
+    "vae_digest", "vae_checkpoint"} for the diffusion model.
+    """
     if processes < 2:
-        raise ValueError(f"processes={processes}: a launch needs at least 2 (call train_vae directly)")
+        raise ValueError(f"processes={processes}: a launch needs at least 2 (train in this process instead)")
     launch_dir = Path(out_dir) / ".launch"
     launch_dir.mkdir(parents=True, exist_ok=True)
-    config_path, summary_path = launch_dir / "config.json", launch_dir / "summary.json"
-    config_path.write_text(config.model_dump_json())
+    job_path, summary_path = launch_dir / "job.json", launch_dir / "summary.json"
+    job = {"kind": kind, "config": config.model_dump(mode="json"), "out_dir": str(out_dir),
+           "summary": str(summary_path), **data}
+    job_path.write_text(json.dumps(job))
     summary_path.unlink(missing_ok=True)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "ctdiff.distributed", str(config_path), str(store_path), str(out_dir), str(summary_path),
+        "-m", "ctdiff.distributed", str(job_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     tail: list[str] = []
@@ -67,29 +76,41 @@ def launch_train_vae(
             tail = (tail + [line.rstrip()])[-_TAIL_LINES:]
     if proc.returncode != 0 or not summary_path.is_file():
         raise RuntimeError(
-            f"distributed VAE training ({processes} processes) exited with code {proc.returncode}:\n"
+            f"distributed {kind} training ({processes} processes) exited with code {proc.returncode}:\n"
             + "\n".join(tail)
         )
     return json.loads(summary_path.read_text())
 
 
-def main(argv: list[str]) -> None:
-    """One rank of `launch_train_vae` (run by torchrun): CONFIG.json STORE OUT_DIR SUMMARY.json."""
+def _run(job: dict, progress: Callable[[dict], None] | None) -> dict:
     from ctdiff.store import CaseStore
-    from ctdiff.train_vae import train_vae
 
-    config_path, store_path, out_dir, summary_path = argv
-    config = Config.model_validate_json(Path(config_path).read_text())
+    config = Config.model_validate(job["config"])
+    store, out_dir = CaseStore(job["store"]), Path(job["out_dir"])
+    if job["kind"] == "vae":
+        from ctdiff.train_vae import train_vae
+
+        return train_vae(store, out_dir, config, progress)
+    from ctdiff.latents import LatentStore
+    from ctdiff.train_diffusion import train_diffusion
+
+    latents = LatentStore(job["latent_root"], job["vae_digest"])
+    return train_diffusion(store, latents, Path(job["vae_checkpoint"]), out_dir, config, progress)
+
+
+def main(argv: list[str]) -> None:
+    """One rank of `launch_training` (run by torchrun): JOB.json."""
+    job = json.loads(Path(argv[0]).read_text())
     is_main = int(os.environ.get("RANK", "0")) == 0
 
     def report(info: dict) -> None:
         print(PROGRESS_PREFIX + json.dumps(info), flush=True)
 
-    summary = train_vae(CaseStore(store_path), Path(out_dir), config, report if is_main else None)
+    summary = _run(job, report if is_main else None)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if is_main:
-        Path(summary_path).write_text(json.dumps(summary, default=str))
+        Path(job["summary"]).write_text(json.dumps(summary, default=str))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ random generator the loop draws from (torch's, CUDA's, the noise generator and t
 sampler's), so a run killed after a checkpoint and started again reaches bit-identical weights
 (CPU, single process). Validation draws from its own seeded generator.
 
+Under torchrun (WORLD_SIZE > 1, see ctdiff.distributed) the UNet is wrapped in DDP, each rank
+draws its own windows and noise, and only rank 0 validates and writes; there, resume re-seeds
+each rank from (seed, rank, step), since only one set of generator states is saved.
+
 Checkpoint keys (plain values and tensors, `weights_only=True`): kind ("diffusion"), preset,
 sampler, prediction, model (the EMA weights: what inference loads and `checkpoint_digest`
 hashes), train_model (the raw weights), ema_n_averaged, optimizer, step, best_val_psnr, history,
@@ -39,7 +43,7 @@ from ctdiff.plots import plot_training_curves
 from ctdiff.samplers import make_sampler
 from ctdiff.store import CaseStore
 from ctdiff.thin_slice import ThinSliceModel, vae_record
-from ctdiff.training_loop import Progress, StepReporter, autocast_context
+from ctdiff.training_loop import Distributed, Progress, StepReporter, autocast_context, setup_distributed
 
 
 
@@ -74,22 +78,25 @@ def train_diffusion(
             f"{paths['last']} was trained on the latents of another VAE ({resume['vae']['digest']}); "
             "use another paths.work or delete that checkpoint"
         )
-    device = resolve_device(tc.device)
+    dist, device = setup_distributed(tc.device)
+    if not dist.enabled:
+        device = resolve_device(tc.device)  # checks that a requested GPU is there
     vae, _ = load_vae(vae_checkpoint, device)
     channels = int(latent_store.entry(train_ids[0])["thin_latent_shape"][0])
     multiple = get_preset(dc.preset).size_multiple
     _check_sizes(config, multiple)
 
-    torch.manual_seed(tc.seed)  # the same initial weights on every run
+    torch.manual_seed(tc.seed)  # the same initial weights on every run and rank
     unet = build_unet(dc.preset, channels).to(device)
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, foreach=True)  # one kernel per step, not per tensor
     sampler = make_sampler(dc)
     windows = LatentWindowSampler(
         latent_store, train_ids, dc.window_slices, tc.latent_patch, multiple, scale_factor,
-        rng=np.random.default_rng(tc.seed),
+        rng=np.random.default_rng([tc.seed, dist.rank]) if dist.enabled else np.random.default_rng(tc.seed),
     )
-    noise_generator = torch.Generator().manual_seed(tc.seed)  # timesteps and noise of the loss
+    # Timesteps and noise of the loss; one stream per rank under DDP.
+    noise_generator = torch.Generator().manual_seed(tc.seed * 1000 + dist.rank if dist.enabled else tc.seed)
     spacing = _spacings_mm(latent_store, train_ids)
     step, best_psnr, history, resumed_from, latest_psnr = 0, -math.inf, [], None, None
     if resume is not None:
@@ -100,17 +107,18 @@ def train_diffusion(
         step, best_psnr, history = resume["step"], resume["best_val_psnr"], resume["history"]
         resumed_from = step
         latest_psnr = next((r["val_psnr"] for r in reversed(history) if r["val_psnr"] is not None), None)
-        _restore_rng(resume["rng"], windows, noise_generator)
+        _restore_rng(resume["rng"], windows, noise_generator, dist, tc.seed, step)
     del resume
 
     val_ids = (case_store.ids(split="val") or train_ids)[: tc.val_cases]
     autocast = autocast_context(device, tc.precision)
     thin_model = ThinSliceModel(ema.module, vae, config, scale_factor, spacing["thick_mm"], spacing["thin_mm"], device)
-    reporter = StepReporter(progress, step, tc.steps)
+    reporter = StepReporter(progress if dist.is_main else None, step, tc.steps)
+    train_unet = dist.wrap(unet, device)  # DDP averages gradients across ranks; unet stays the module
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast:
-            return unet(x, t)  # (B, C, D, H, W)
+            return train_unet(x, t)  # (B, C, D, H, W)
 
     def save(path: Path) -> None:
         save_checkpoint(path, {
@@ -155,14 +163,16 @@ def train_diffusion(
         history.append(row)
         do_val = step % tc.val_every == 0 or step == tc.steps
         do_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
-        if do_val:
+        if do_val and dist.is_main:  # rank 0 validates and writes; the others wait for it
             validate_and_save(row, checkpoint=do_ckpt)
-        elif do_ckpt:
+        elif do_ckpt and dist.is_main:
             save(paths["last"])
             plot_training_curves(history, paths["loss_plot"], title=f"diffusion {dc.preset} ({dc.sampler})")
+        if do_val or do_ckpt:
+            dist.barrier()
         reporter(step, row["loss"], latest_psnr, force=do_val or do_ckpt)
 
-    if tc.steps == 0:  # nothing to train: record the initial weights with one validation
+    if tc.steps == 0 and dist.is_main:  # nothing to train: record the initial weights with one validation
         row = {"step": 0, "loss": None, "val_psnr": None, "val_ssim": None}
         history.append(row)
         validate_and_save(row, checkpoint=True)
@@ -242,7 +252,14 @@ def _spacings_mm(latent_store: LatentStore, case_ids: list[str]) -> dict[str, fl
     return {f"{kind}_mm": float(np.median([a[kind]["spacing_mm"][0] for a in attrs])) for kind in ("thick", "thin")}
 
 
-def _restore_rng(saved: dict, windows: LatentWindowSampler, noise_generator: torch.Generator) -> None:
+def _restore_rng(
+    saved: dict, windows: LatentWindowSampler, noise_generator: torch.Generator, dist: Distributed, seed: int, step: int
+) -> None:
+    if dist.enabled:  # one saved state cannot serve every rank: re-seed deterministically
+        windows.set_rng_state(np.random.default_rng([seed, dist.rank, step]).bit_generator.state)
+        noise_generator.manual_seed(seed * 1000 + dist.rank + step)
+        torch.manual_seed(seed * 1000 + dist.rank + step)
+        return
     torch.set_rng_state(saved["torch"])
     noise_generator.set_state(saved["noise"])
     windows.set_rng_state(saved["numpy"])

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,6 @@ from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ctdiff.autoencoder import CtAutoencoder, kl_loss
 from ctdiff.checkpoint import load_checkpoint, save_checkpoint
@@ -34,7 +31,7 @@ from ctdiff.patches import PatchSampler
 from ctdiff.plots import plot_training_curves
 from ctdiff.pretrained import load_pretrained
 from ctdiff.store import CaseStore
-from ctdiff.training_loop import Progress, StepReporter, autocast_context
+from ctdiff.training_loop import Distributed, Progress, StepReporter, autocast_context, setup_distributed
 
 
 def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progress | None = None) -> dict:
@@ -57,7 +54,7 @@ def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progres
         if resume["step"] >= tc.steps:  # finished already: nothing to do
             return _summary(paths, resume["step"], resume["best_val_psnr"], None, resume["step"])
 
-    dist, device = _setup_distributed(tc.device)
+    dist, device = setup_distributed(tc.device)
     model = _build_model(config, device)
     fz, fy, fx = model.factors
     if tc.patch_slices % fz or tc.patch_size % fy or tc.patch_size % fx:
@@ -283,7 +280,7 @@ def _build_model(config: Config, device: torch.device) -> CtAutoencoder:
     return CtAutoencoder(config.vae.preset, num_splits=config.vae.num_splits, checkpointing=checkpointing)
 
 
-def _restore_rng(saved: dict, sampler: PatchSampler, dist: "_Distributed", seed: int, step: int) -> None:
+def _restore_rng(saved: dict, sampler: PatchSampler, dist: Distributed, seed: int, step: int) -> None:
     if dist.enabled:  # one saved state cannot serve every rank: re-seed deterministically
         sampler.set_rng_state(np.random.default_rng([seed, dist.rank, step]).bit_generator.state)
         torch.manual_seed(seed * 1000 + dist.rank + step)
@@ -292,45 +289,3 @@ def _restore_rng(saved: dict, sampler: PatchSampler, dist: "_Distributed", seed:
     sampler.set_rng_state(saved["numpy"])
     if saved.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
-
-
-# -- multi-GPU (torchrun) --------------------------------------------------------------------------
-
-
-@dataclass
-class _Distributed:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def wrap(self, module: nn.Module | None, device: torch.device) -> nn.Module | None:
-        if module is None or not self.enabled:
-            return module
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-def _setup_distributed(device_setting: str) -> tuple[_Distributed, torch.device]:
-    if device_setting == "auto":
-        device_setting = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_setting)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return _Distributed(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():  # torchrun's env:// rendezvous
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return _Distributed(rank, world_size), device

@@ -16,7 +16,7 @@ from ctdiff import latents
 from ctdiff.checkpoint import checkpoint_digest, load_vae
 from ctdiff.config import Config
 from ctdiff.devices import resolve_device
-from ctdiff.distributed import launch_train_vae, training_processes
+from ctdiff.distributed import launch_training, training_processes
 from ctdiff.fingerprint import code_version, file_digest
 from ctdiff.store import CaseStore
 from ctdiff.train_vae import train_vae
@@ -74,7 +74,9 @@ def train_vae_task(config: Config) -> dict:
     processes = training_processes(config.train_vae)
     with Progress(config.train_vae.steps, "step", "train-vae") as bar:
         if processes > 1:
-            summary = launch_train_vae(config.paths.store, out_dir, config, processes, training_reporter(bar))
+            summary = launch_training(
+                "vae", config, out_dir, processes, {"store": str(config.paths.store)}, training_reporter(bar)
+            )
         else:
             summary = train_vae(CaseStore(config.paths.store), out_dir, config, training_reporter(bar))
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in summary.items()}
