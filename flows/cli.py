@@ -117,7 +117,7 @@ def run_infer(config: Config, args: argparse.Namespace) -> int:
     bar = tqdm(total=steps, unit="step", desc="sampling", file=sys.stderr, leave=False)
 
     def step_progress(step: int, total: int) -> None:
-        if step == 1:
+        if step == 1 and bar.n:  # the next case (--batch) starts over
             bar.reset(total)
         bar.update(step - bar.n)
 
