@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.losses import PatchAdversarialLoss
-from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
@@ -27,6 +26,7 @@ from ctdiff.autoencoder import CtAutoencoder, kl_loss
 from ctdiff.checkpoint import load_checkpoint, save_checkpoint
 from ctdiff.config import Config, TrainVaeConfig
 from ctdiff.latents import decode_latents, encode_volume
+from ctdiff.metrics import score
 from ctdiff.patches import PatchSampler
 from ctdiff.plots import plot_training_curves
 from ctdiff.pretrained import load_pretrained
@@ -250,22 +250,16 @@ def validate(
     chunk_slices: int, device: torch.device,
     autocast: contextlib.AbstractContextManager = contextlib.nullcontext(),
 ) -> dict:
-    """Mean PSNR (whole volume) and SSIM (2D, per thin slice) of posterior-mean reconstructions.
-
-    SSIM is 2D per slice because 3D SSIM's 11-voxel window does not fit short volumes and its
-    memory grows with the whole volume; the mean over slices is what slice papers report.
-    """
+    """Mean PSNR (whole volume) and SSIM (2D, per thin slice) of posterior-mean reconstructions,
+    scored as evaluation scores them (ctdiff.metrics)."""
     was_training = model.training
     model.eval()
     psnrs, ssims = [], []
     for case_id in case_ids:
         target = store.read(case_id, "thin").window(*window)  # (D, H, W) float32 in [0, 1]
-        recon = torch.from_numpy(reconstruct_volume(model, target, chunk_slices, device, autocast))
-        target = torch.from_numpy(target)
-        psnrs.append(PSNRMetric(max_val=1.0)(recon[None, None], target[None, None]).item())
-        win = min(11, *target.shape[1:])  # MONAI's default 11, unless a slice is smaller
-        ssim = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=win - 1 + win % 2)  # odd
-        ssims.append(ssim(recon[:, None], target[:, None]).mean().item())  # slices as the batch
+        metrics = score(reconstruct_volume(model, target, chunk_slices, device, autocast), target, device=device)
+        psnrs.append(metrics["psnr"])
+        ssims.append(metrics["ssim"])
     model.train(was_training)
     return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims))}
 
