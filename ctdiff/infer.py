@@ -140,22 +140,33 @@ def infer_batch(
     refs = discover_inputs(input_dir)
     if not refs:
         raise ValueError("no cases (ZIP, DICOM folder, .nii or .nii.gz) found in the input folder")
-    output_dir = Path(output_dir)
-    outputs = [output_dir / (f"{ref.id}.nii.gz" if fmt == "nifti" else ref.id) for ref in refs]
+    outputs = [output_path(output_dir, ref.id, fmt) for ref in refs]
     for out in outputs:
         output_format(out)  # refuse a non-empty foreign folder before hours of sampling
     results = []
     for k, (ref, out) in enumerate(zip(refs, outputs)):
-        entry = {"id": ref.id, "category": ref.category, "input": ref.path}
-        try:
-            summary = infer_case(ref.path, out, predictor, window, thin_mm)
-            entry.update(summary, status="ok", reason=None)
-        except CaseError as exc:
-            entry.update(output=None, status="failed", reason=exc.reason)
-        results.append(entry)
+        results.append(infer_entry(ref, out, predictor, window, thin_mm))
         if progress is not None:
-            progress({"done": k + 1, "total": len(refs), "id": ref.id, "status": entry["status"]})
+            progress({"done": k + 1, "total": len(refs), "id": ref.id, "status": results[-1]["status"]})
     return results
+
+
+def output_path(output_dir: str | Path, case_id: str, fmt: OutputFormat) -> Path:
+    """Where a batch puts a case's output: output_dir/<id>.nii.gz, or the folder output_dir/<id>/."""
+    return Path(output_dir) / (f"{case_id}.nii.gz" if fmt == "nifti" else case_id)
+
+
+def infer_entry(
+    ref: CaseRef, output_path: str | Path, predictor: Predictor, window: tuple[float, float], thin_mm: float
+) -> dict:
+    """`infer_case` as one entry of a batch: id, category, input, output, status ("ok" |
+    "failed"), reason, and the summary; a case that fails on its data is "failed", not raised."""
+    entry = {"id": ref.id, "category": ref.category, "input": ref.path}
+    try:
+        summary = infer_case(ref.path, output_path, predictor, window, thin_mm)
+    except CaseError as exc:
+        return {**entry, "output": None, "status": "failed", "reason": exc.reason}
+    return {**entry, **summary, "status": "ok", "reason": None}
 
 
 def discover_inputs(input_dir: str | Path) -> list[CaseRef]:

@@ -98,9 +98,9 @@ def run_infer(config: Config, args: argparse.Namespace) -> int:
     """
     from tqdm import tqdm
 
+    from ctdiff.cases import UNCATEGORIZED, CaseRef
     from ctdiff.devices import resolve_device
-    from ctdiff.errors import CaseError
-    from ctdiff.infer import infer_batch, infer_case
+    from ctdiff.infer import infer_batch, infer_entry
     from ctdiff.thin_slice import ThinSliceModel
 
     try:
@@ -131,11 +131,8 @@ def run_infer(config: Config, args: argparse.Namespace) -> int:
                                             file=sys.stderr),
             )
         else:
-            results = [{"id": args.input.name, "status": "ok", "reason": None,
-                        **infer_case(args.input, args.output, predictor, window, model.thin_mm)}]
-    except CaseError as error:
-        print(f"ctdiff: infer: {args.input}: {error.reason}", file=sys.stderr)
-        return 1
+            ref = CaseRef(id=args.input.name, path=str(args.input), category=UNCATEGORIZED)
+            results = [infer_entry(ref, args.output, predictor, window, model.thin_mm)]
     except ValueError as error:
         print(f"ctdiff: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -146,7 +143,7 @@ def run_infer(config: Config, args: argparse.Namespace) -> int:
             print(f"{r['id']}: {r['n_thick']} x {r['thick_mm']:g} mm -> {r['n_thin']} x {r['thin_mm']:g} mm "
                   f"in {r['seconds']:.1f} s: {r['output']}")
         else:
-            print(f"{r['id']}: failed: {r['reason']}")
+            print(f"ctdiff: infer: {r['input']}: {r['reason']}", file=sys.stderr)
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 

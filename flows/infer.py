@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from ctdiff.config import load_config
-from ctdiff.infer import discover_inputs
+from ctdiff.infer import discover_inputs, output_path
 from tasks.evaluate import digest_checkpoint
 from tasks.infer import checkpoint_path, infer_case, report_inference
 from tasks.progress import Progress
@@ -35,9 +35,8 @@ def infer(config: str | None = None, overrides: list[str] | None = None) -> dict
     results = []
     with Progress(len(refs), "case", "infer") as progress:
         for ref in refs:
-            out = output_dir / (f"{ref.id}.nii.gz" if ic.format == "nifti" else ref.id)
-            ref_dict = {"id": ref.id, "path": ref.path, "category": ref.category}
-            results.append(infer_case(ref_dict, str(out), checkpoint, ic.seed, ic.sample_steps, device))
+            out = output_path(output_dir, ref.id, ic.format)
+            results.append(infer_case(ref.to_dict(), str(out), checkpoint, ic.seed, ic.sample_steps, device))
             progress.advance(case=ref.id)
     report_inference(results, str(output_dir))
     counts = {status: sum(r["status"] == status for r in results) for status in ("ok", "failed")}
