@@ -56,7 +56,7 @@ def launch_training(
     launch_dir.mkdir(parents=True, exist_ok=True)
     job_path, summary_path = launch_dir / "job.json", launch_dir / "summary.json"
     job = {"kind": kind, "config": config.model_dump(mode="json"), "out_dir": str(out_dir),
-           "summary": str(summary_path), **data}
+           "data": data, "summary": str(summary_path)}
     job_path.write_text(json.dumps(job))
     summary_path.unlink(missing_ok=True)
     command = [
@@ -82,20 +82,30 @@ def launch_training(
     return json.loads(summary_path.read_text())
 
 
-def _run(job: dict, progress: Callable[[dict], None] | None) -> dict:
+def train(
+    kind: Kind, config: Config, out_dir: str | Path, data: dict[str, str], progress: Callable[[dict], None] | None = None
+) -> dict:
+    """Train `kind` (see `launch_training` for `data`) in this process, or on DDP ranks when
+    `training_processes` asks for more than one; returns the training's summary."""
+    processes = training_processes(config.train_vae if kind == "vae" else config.train_diffusion)
+    if processes > 1:
+        return launch_training(kind, config, out_dir, processes, data, progress)
+    return _run(kind, config, Path(out_dir), data, progress)
+
+
+def _run(kind: Kind, config: Config, out_dir: Path, data: dict[str, str], progress: Callable[[dict], None] | None) -> dict:
     from ctdiff.store import CaseStore
 
-    config = Config.model_validate(job["config"])
-    store, out_dir = CaseStore(job["store"]), Path(job["out_dir"])
-    if job["kind"] == "vae":
+    store = CaseStore(data["store"])
+    if kind == "vae":
         from ctdiff.train_vae import train_vae
 
         return train_vae(store, out_dir, config, progress)
     from ctdiff.latents import LatentStore
     from ctdiff.train_diffusion import train_diffusion
 
-    latents = LatentStore(job["latent_root"], job["vae_digest"])
-    return train_diffusion(store, latents, Path(job["vae_checkpoint"]), out_dir, config, progress)
+    latents = LatentStore(data["latent_root"], data["vae_digest"])
+    return train_diffusion(store, latents, Path(data["vae_checkpoint"]), out_dir, config, progress)
 
 
 def main(argv: list[str]) -> None:
@@ -106,7 +116,8 @@ def main(argv: list[str]) -> None:
     def report(info: dict) -> None:
         print(PROGRESS_PREFIX + json.dumps(info), flush=True)
 
-    summary = _run(job, report if is_main else None)
+    config = Config.model_validate(job["config"])
+    summary = _run(job["kind"], config, Path(job["out_dir"]), job["data"], report if is_main else None)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if is_main:

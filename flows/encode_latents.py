@@ -12,6 +12,7 @@ from tasks.progress import Progress
 from tasks.vae import (
     device_name,
     encode_case,
+    latent_root,
     prepare_latent_store,
     report_latents,
     resolve_vae_checkpoint,
@@ -33,20 +34,20 @@ def encode_latents(config: str | None = None, overrides: list[str] | None = None
     if not ids:
         raise ValueError(f"no ok cases in {cfg.paths.store}; run `ctdiff preprocess` first")
     vae = resolve_vae_checkpoint(cfg)
-    latent_root = str(Path(cfg.paths.work) / "latents")
+    root = str(latent_root(cfg))
     device = device_name(cfg.encode.device)
     window = cfg.preprocess.window.as_pair()
-    prepare_latent_store(latent_root, vae, window)
+    prepare_latent_store(root, vae, window)
     summaries = []
     with Progress(len(ids), "case", "encode-latents") as progress:
         for case_id in ids:
             summaries.append(
-                encode_case(case_id, str(cfg.paths.store), latent_root, vae, window, cfg.encode.chunk_slices, device)
+                encode_case(case_id, str(cfg.paths.store), root, vae, window, cfg.encode.chunk_slices, device)
             )
             progress.advance(case=case_id)
     train_ids = store.ids(split="train") or ids
-    scale = scale_factor(latent_root, vae, train_ids)
-    latent_dir = str(Path(latent_root) / vae["digest"])
+    scale = scale_factor(root, vae, train_ids)
+    latent_dir = str(Path(root) / vae["digest"])
     report_latents(summaries, latent_dir, scale)
     logger.info("encoded %d cases into %s (scale factor %.4f)", len(ids), latent_dir, scale)
     return {"latents": latent_dir, "cases": len(ids), "scale_factor": scale, "vae": vae["path"]}

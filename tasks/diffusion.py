@@ -14,6 +14,7 @@ from ctdiff.latents import LatentStore
 from ctdiff.store import CaseStore
 from tasks.progress import Progress, training_reporter
 from tasks.training import finished_checkpoint, training_key, training_task
+from tasks.vae import latent_root
 
 
 def diffusion_dir(config: Config) -> Path:
@@ -21,7 +22,7 @@ def diffusion_dir(config: Config) -> Path:
 
 
 def latent_store_of(config: Config, vae: dict) -> LatentStore:
-    return LatentStore(Path(config.paths.work) / "latents", vae["digest"])
+    return LatentStore(latent_root(config), vae["digest"])
 
 
 def _training_key(inputs: dict[str, Any]) -> str:
@@ -49,7 +50,7 @@ def _code_version() -> str:
     return code_version(ctdiff.diffusion, ctdiff.samplers, ctdiff.train_diffusion)
 
 
-def _finished(inputs: dict[str, Any]) -> bool:
+def _finished(inputs: dict[str, Any], key: str) -> bool:
     config: Config = inputs["config"]
     return finished_checkpoint(diffusion_dir(config) / "last.pt", config.train_diffusion.steps)
 
@@ -57,23 +58,15 @@ def _finished(inputs: dict[str, Any]) -> bool:
 @training_task("train-diffusion", key_fn=_training_key, done_fn=_finished)
 def train_diffusion_task(config: Config, vae: dict) -> dict:
     """Train (or resume) the latent diffusion model on the latents of VAE `vae` ({path, digest})."""
-    from ctdiff.distributed import launch_training, training_processes
-    from ctdiff.train_diffusion import train_diffusion
+    from ctdiff.distributed import train
 
     latents = latent_store_of(config, vae)
     if not latents.ids():
         raise ValueError(f"no latents in {latents.path}; run `ctdiff encode-latents` first")
-    processes = training_processes(config.train_diffusion)
+    data = {"store": str(config.paths.store), "latent_root": str(latent_root(config)),
+            "vae_digest": vae["digest"], "vae_checkpoint": vae["path"]}
     with Progress(config.train_diffusion.steps, "step", "train-diffusion") as bar:
-        if processes > 1:  # one DDP process per GPU under torchrun; this task waits and relays progress
-            data = {"store": str(config.paths.store), "latent_root": str(Path(config.paths.work) / "latents"),
-                    "vae_digest": vae["digest"], "vae_checkpoint": vae["path"]}
-            summary = launch_training("diffusion", config, diffusion_dir(config), processes, data, training_reporter(bar))
-        else:
-            summary = train_diffusion(
-                CaseStore(config.paths.store), latents, Path(vae["path"]), diffusion_dir(config), config,
-                training_reporter(bar),
-            )
+        summary = train("diffusion", config, diffusion_dir(config), data, training_reporter(bar))
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in summary.items()}
     best = summary.get("best_val_psnr")
     fit = f": best val PSNR {best:.2f} dB" if best is not None else ""

@@ -87,7 +87,7 @@ def _code_version() -> str:
     return code_version(ctdiff.evaluate, ctdiff.interpolate, ctdiff.metrics, ctdiff.thin_slice)
 
 
-def _report_written(inputs: dict[str, Any]) -> bool:
+def _report_written(inputs: dict[str, Any], key: str) -> bool:
     return (Path(inputs["reports_root"]) / inputs["run"] / "metrics.json").is_file()
 
 

@@ -10,16 +10,14 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from ctdiff.config import Config
-from ctdiff.errors import CaseError
 from ctdiff.fingerprint import code_version, file_digest, settings_digest
 from tasks.diffusion import diffusion_dir
-from tasks.training import OutputCache, is_transient
+from tasks.training import OutputCache, chosen_checkpoint, is_transient
 
 
 def checkpoint_path(config: Config) -> Path:
     """`infer.checkpoint`: best | last under checkpoints/diffusion, or a path."""
-    choice = config.infer.checkpoint
-    return diffusion_dir(config) / f"{choice}.pt" if choice in ("best", "last") else Path(choice)
+    return chosen_checkpoint(diffusion_dir(config), config.infer.checkpoint)
 
 
 @lru_cache(maxsize=1)
@@ -48,7 +46,7 @@ def _case_key(inputs: dict[str, Any]) -> str:
     )
 
 
-def _output_written(inputs: dict[str, Any]) -> bool:
+def _output_written(inputs: dict[str, Any], key: str) -> bool:
     return Path(inputs["output"]).exists()
 
 
@@ -64,15 +62,11 @@ def _output_written(inputs: dict[str, Any]) -> bool:
 def infer_case(ref: dict, output: str, checkpoint: dict, seed: int, sample_steps: int | None, device: str) -> dict:
     """The thin volume of one case (`ref`: id, path, category) at `output`; a case that cannot be
     read gets status "failed" and its reason, so the others go on."""
-    from ctdiff.infer import infer_case as run
+    from ctdiff.cases import CaseRef
+    from ctdiff.infer import infer_entry
 
     model = _model(checkpoint["path"], checkpoint["digest"], device)
-    entry = {"id": ref["id"], "category": ref["category"]}
-    try:
-        summary = run(ref["path"], output, model.predictor(seed, sample_steps), model.window, model.thin_mm)
-    except CaseError as error:
-        return {**entry, "status": "failed", "reason": error.reason, "output": None}
-    return {**entry, "status": "ok", "reason": None, **summary}
+    return infer_entry(CaseRef(**ref), output, model.predictor(seed, sample_steps), model.window, model.thin_mm)
 
 
 @task(name="report-inference")

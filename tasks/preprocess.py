@@ -13,44 +13,41 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import CachePolicy
-from prefect.context import TaskRunContext
 
 from ctdiff import preprocess
 from ctdiff.cases import CaseRef, assign_splits, discover_cases
 from ctdiff.store import CaseStore
-from tasks.training import is_transient
+from tasks.training import OutputCache, is_transient
 
 
 @dataclass
-class StoreBackedCache(CachePolicy):
-    """Cache key = the step's content key (case file hash + settings + code version).
-
-    The key is offered when the case store holds that output, or when nothing is recorded under
-    it yet (a first run, whose result is then cached). A recorded result whose output is not in
-    the store (deleted, or killed before its rename) is stale: the key is withheld and the step
-    runs again.
-    """
+class StoreBackedCache(OutputCache):
+    """`OutputCache` of a per-case step, the case store being its output: key = the step's
+    content key (case file hash + settings + code version), done = the store holds that output."""
 
     step: str = "decode"
 
-    def compute_key(
-        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
-    ) -> str | None:
-        key, in_store = self._key(CaseRef(**inputs["ref"]), CaseStore(inputs["store_path"]), inputs)
-        if key is None or in_store:
-            return key
-        return None if task_ctx.result_store.exists(key) else key
+    def __post_init__(self) -> None:
+        self.key_fn, self.done_fn = (_decode_key, _decoded) if self.step == "decode" else (_resize_key, _resized)
 
-    def _key(self, ref: CaseRef, store: CaseStore, inputs: dict[str, Any]) -> tuple[str | None, bool]:
-        if self.step == "decode":
-            key = preprocess.decode_key(ref)
-            return key, preprocess.is_decoded(store, ref.id, key)
-        native_key = store.native_key(ref.id)
-        if native_key is None:
-            return None, False  # nothing decoded: the step will fail and must not be cached
-        key = preprocess.resize_key(native_key, inputs["resolution"], inputs["chunk_slices"], inputs["level"])
-        return key, store.case_key(ref.id) == key
+
+def _decode_key(inputs: dict[str, Any]) -> str:
+    return preprocess.decode_key(CaseRef(**inputs["ref"]))
+
+
+def _decoded(inputs: dict[str, Any], key: str) -> bool:
+    return preprocess.is_decoded(CaseStore(inputs["store_path"]), inputs["ref"]["id"], key)
+
+
+def _resize_key(inputs: dict[str, Any]) -> str | None:
+    native_key = CaseStore(inputs["store_path"]).native_key(inputs["ref"]["id"])
+    if native_key is None:
+        return None  # nothing decoded: the step will fail and must not be cached
+    return preprocess.resize_key(native_key, inputs["resolution"], inputs["chunk_slices"], inputs["level"])
+
+
+def _resized(inputs: dict[str, Any], key: str) -> bool:
+    return CaseStore(inputs["store_path"]).case_key(inputs["ref"]["id"]) == key
 
 
 @task(name="discover-cases")

@@ -54,23 +54,24 @@ def finished_checkpoint(path: Path, steps: int) -> bool:
 
 @dataclass
 class OutputCache(CachePolicy):
-    """Key = `key_fn(inputs)`: what determines the output (settings, data identity, code).
+    """Key = `key_fn(inputs)`: what determines the output (settings, data identity, code); None
+    when there is nothing to key on yet (the task runs, uncached).
 
-    Offered while `done_fn(inputs)` finds that output on disk (a finished checkpoint, a recorded
-    scale factor), or while nothing is recorded under the key yet (a first run, whose result is
-    then cached). A recorded result whose output is gone is stale: the key is withheld and the
-    task runs again.
+    Offered while `done_fn(inputs, key)` finds that output on disk (a finished checkpoint, a case
+    in the store, a recorded scale factor), or while nothing is recorded under the key yet (a
+    first run, whose result is then cached). A recorded result whose output is gone (deleted, or
+    killed before its rename) is stale: the key is withheld and the task runs again.
     """
 
-    key_fn: Callable[[dict[str, Any]], str] | None = None
-    done_fn: Callable[[dict[str, Any]], bool] | None = None
+    key_fn: Callable[[dict[str, Any]], str | None] | None = None
+    done_fn: Callable[[dict[str, Any], str], bool] | None = None
 
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
         assert self.key_fn is not None and self.done_fn is not None
         key = self.key_fn(inputs)
-        if self.done_fn(inputs):
+        if key is None or self.done_fn(inputs, key):
             return key
         return None if task_ctx.result_store.exists(key) else key
 
@@ -88,6 +89,11 @@ class KeyedCache(CachePolicy):
         return self.key_fn(inputs)
 
 
+def chosen_checkpoint(folder: Path, choice: str) -> Path:
+    """A `best` | `last` | PATH setting: folder/best.pt, folder/last.pt, or the path itself."""
+    return folder / f"{choice}.pt" if choice in ("best", "last") else Path(choice)
+
+
 def file_state_key(kind: str, path: Path) -> str | None:
     """A key that changes whenever the file at `path` is rewritten (size and modification time)."""
     if not path.is_file():
@@ -100,7 +106,7 @@ def training_key(kind: str, sections: dict[str, Any], data: Any, code: str) -> s
     return settings_digest(f"train-{kind}", sections, data, code)
 
 
-def training_task(name: str, key_fn: Callable[[dict[str, Any]], str], done_fn: Callable[[dict[str, Any]], bool]):
+def training_task(name: str, key_fn: Callable[[dict[str, Any]], str], done_fn: Callable[[dict[str, Any], str], bool]):
     """The decorator of a training task: cached under `key_fn` while `done_fn` finds the finished
     checkpoint, and retried after crashes (each retry resumes from `last.pt`)."""
     return task(

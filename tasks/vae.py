@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import CachePolicy
-from prefect.context import TaskRunContext
 
 from ctdiff import latents
 from ctdiff.checkpoint import checkpoint_digest, load_vae
 from ctdiff.config import Config
 from ctdiff.devices import resolve_device
-from ctdiff.distributed import launch_training, training_processes
+from ctdiff.distributed import train
 from ctdiff.fingerprint import code_version, file_digest
 from ctdiff.store import CaseStore
-from ctdiff.train_vae import train_vae
 from tasks.progress import Progress, training_reporter
 from tasks.training import (
     KeyedCache,
+    chosen_checkpoint,
     OutputCache,
     file_state_key,
     finished_checkpoint,
@@ -58,7 +55,7 @@ def _vae_code_version() -> str:
     return code_version(ctdiff.autoencoder, ctdiff.patches, ctdiff.train_vae)
 
 
-def _vae_finished(inputs: dict[str, Any]) -> bool:
+def _vae_finished(inputs: dict[str, Any], key: str) -> bool:
     config: Config = inputs["config"]
     return finished_checkpoint(_vae_dir(config) / "last.pt", config.train_vae.steps)
 
@@ -70,15 +67,8 @@ def train_vae_task(config: Config) -> dict:
     With more than one training process (`train_vae.processes`, or one per visible GPU), the
     training runs under torchrun (DDP) in child processes; this task waits and relays progress.
     """
-    out_dir = _vae_dir(config)
-    processes = training_processes(config.train_vae)
     with Progress(config.train_vae.steps, "step", "train-vae") as bar:
-        if processes > 1:
-            summary = launch_training(
-                "vae", config, out_dir, processes, {"store": str(config.paths.store)}, training_reporter(bar)
-            )
-        else:
-            summary = train_vae(CaseStore(config.paths.store), out_dir, config, training_reporter(bar))
+        summary = train("vae", config, _vae_dir(config), {"store": str(config.paths.store)}, training_reporter(bar))
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in summary.items()}
     create_markdown_artifact(
         key="train-vae",
@@ -92,8 +82,12 @@ def train_vae_task(config: Config) -> dict:
 
 
 def _vae_checkpoint_path(config: Config) -> Path:
-    choice = config.encode.checkpoint
-    return _vae_dir(config) / f"{choice}.pt" if choice in ("best", "last") else Path(choice)
+    return chosen_checkpoint(_vae_dir(config), config.encode.checkpoint)
+
+
+def latent_root(config: Config) -> Path:
+    """Where the latent stores live: one per VAE checkpoint digest below it."""
+    return Path(config.paths.work) / "latents"
 
 
 @task(
@@ -115,26 +109,20 @@ def _model(path: str, digest: str, device: str):
     return load_vae(path, device)[0]
 
 
-@dataclass
-class LatentCache(CachePolicy):
-    """Key = the case store entry's key + VAE digest + window + chunking, offered while the
-    latent store holds that output or nothing is recorded under it (see tasks.preprocess)."""
+def _latent_key(inputs: dict[str, Any]) -> str:
+    """The case store entry's key + VAE digest + window + chunking."""
+    case_key = CaseStore(inputs["store_path"]).case_key(inputs["case_id"])
+    return latents.latent_key(case_key, inputs["vae"]["digest"], inputs["window"], inputs["chunk_slices"])
 
-    def compute_key(
-        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
-    ) -> str | None:
-        case_key = CaseStore(inputs["store_path"]).case_key(inputs["case_id"])
-        key = latents.latent_key(case_key, inputs["vae"]["digest"], inputs["window"], inputs["chunk_slices"])
-        store = latents.LatentStore(Path(inputs["latent_root"]), inputs["vae"]["digest"])
-        if store.case_key(inputs["case_id"]) == key:
-            return key
-        return None if task_ctx.result_store.exists(key) else key
+
+def _encoded(inputs: dict[str, Any], key: str) -> bool:
+    return latents.LatentStore(Path(inputs["latent_root"]), inputs["vae"]["digest"]).case_key(inputs["case_id"]) == key
 
 
 @task(
     name="encode-case",
     task_run_name="encode-{case_id}",
-    cache_policy=LatentCache(),
+    cache_policy=OutputCache(key_fn=_latent_key, done_fn=_encoded),
     retries=2,
     retry_delay_seconds=5,
     retry_condition_fn=is_transient,
@@ -162,11 +150,10 @@ def _scale_factor_key(inputs: dict[str, Any]) -> str:
     return store.scale_factor_key(inputs["train_ids"])
 
 
-def _scale_factor_recorded(inputs: dict[str, Any]) -> bool:
+def _scale_factor_recorded(inputs: dict[str, Any], key: str) -> bool:
     """The store holds a scale factor computed from exactly these train latents."""
-    store = latents.LatentStore(Path(inputs["latent_root"]), inputs["vae"]["digest"])
-    attrs = store.root_attrs()
-    return attrs.get("scale_factor") is not None and attrs.get("scale_factor_key") == _scale_factor_key(inputs)
+    attrs = latents.LatentStore(Path(inputs["latent_root"]), inputs["vae"]["digest"]).root_attrs()
+    return attrs.get("scale_factor") is not None and attrs.get("scale_factor_key") == key
 
 
 @task(
