@@ -1,10 +1,11 @@
-"""What the training tasks share: which failures to retry, and caches that trust what is on disk.
+"""What the tasks share: which failures to retry, and caches that trust what is on disk.
 
 A training task is retried after a crash (the retry resumes from `last.pt`), never after a bad
 setting. It is cached under a key of everything that determines its weights, offered only while
 the finished checkpoint is on disk, so a pipeline re-run with unchanged settings skips training
-and a deleted checkpoint is trained again. `OutputCache` serves the other tasks whose output
-lives outside Prefect (scale factor, evaluation report) the same way.
+and a deleted checkpoint is trained again. `OutputCache` serves every task whose output lives
+outside Prefect the same way: cases in the store, latents, the scale factor, evaluation reports,
+inferred volumes.
 """
 
 from __future__ import annotations
