@@ -11,6 +11,14 @@ are MONAI's (`PSNRMetric`, `SSIMMetric`), computed over a chosen set of thin sli
   as the in-between slices. MONAI's defaults: Gaussian window 11, sigma 1.5, k1 0.01, k2 0.03,
   averaged over the "valid" window positions (no padding), as scikit-image's
   `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`.
+
+Blur wins PSNR: the mean of many plausible thin volumes scores better than any one of them. So a
+third figure, `hist_w1_hu`, asks whether the prediction has the intensities of real thin slices:
+the Wasserstein-1 distance between the intensity histograms of prediction and truth over the
+body voxels of the selected slices, in HU (windowed units times the window width). A blurred
+prediction has too few of the extreme values (contrast-filled vessels, fat, noise) and pays for
+it here, a sharp one does not. Equal voxel sets make it the mean absolute difference of the
+sorted values (scipy.stats.wasserstein_distance gives the same).
 """
 
 from __future__ import annotations
@@ -26,18 +34,21 @@ Device = str | torch.device | None  # None: CUDA when available (SSIM of a full 
 
 
 def score(
-    pred: np.ndarray, truth: np.ndarray, slice_mask: np.ndarray | None = None, device: Device = None
+    pred: np.ndarray, truth: np.ndarray, slice_mask: np.ndarray | None = None, device: Device = None,
+    width_hu: float | None = None,
 ) -> dict[str, float]:
-    """{"psnr" (dB), "ssim"} of `pred` against `truth`, both windowed (D, H, W) in [0, 1].
+    """{"psnr" (dB), "ssim"} of `pred` against `truth`, both windowed (D, H, W) in [0, 1], and
+    "hist_w1_hu" when the window width `width_hu` is given.
 
     `slice_mask` (D,) bool picks the slices to score (default: all). PSNR is infinite when the
     selected slices are predicted exactly, as scikit-image returns it.
     """
-    return score_regions(pred, truth, {"slice_mask": slice_mask}, device)["slice_mask"]
+    return score_regions(pred, truth, {"slice_mask": slice_mask}, device, width_hu)["slice_mask"]
 
 
 def score_regions(
-    pred: np.ndarray, truth: np.ndarray, masks: dict[str, np.ndarray | None], device: Device = None
+    pred: np.ndarray, truth: np.ndarray, masks: dict[str, np.ndarray | None], device: Device = None,
+    width_hu: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """`score` for several slice masks at once (None = all slices): the per-slice SSIMs, the
     costly part, are computed once for the slices any mask selects."""
@@ -61,7 +72,26 @@ def score_regions(
     for name, mask in masks.items():
         index = torch.from_numpy(mask).to(device)
         out[name] = {"psnr": psnr(pred_t[index], truth_t[index]), "ssim": float(ssim[mask].mean())}
+        if width_hu is not None:
+            out[name]["hist_w1_hu"] = histogram_w1_hu(pred[mask], truth[mask], width_hu)
     return out
+
+
+def body_mask(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Voxels above the window floor in the truth or the prediction: the body's tissue that the
+    window shows (air and lung sit at 0 after windowing and tell nothing)."""
+    return (truth > 0.0) | (pred > 0.0)
+
+
+def histogram_w1_hu(pred: np.ndarray, truth: np.ndarray, width_hu: float) -> float:
+    """Wasserstein-1 distance (HU) between the intensity histograms of two windowed volumes
+    over their `body_mask`; 0 when no voxel is in the body."""
+    mask = body_mask(pred, truth)
+    if not mask.any():
+        return 0.0
+    a = np.sort(pred[mask].astype(np.float64))
+    b = np.sort(truth[mask].astype(np.float64))
+    return float(np.abs(a - b).mean() * width_hu)
 
 
 def psnr(pred: torch.Tensor, truth: torch.Tensor) -> float:

@@ -178,8 +178,8 @@ def test_evaluate_cases_scores_every_method_and_case(store, result):
     truth = thin.window(*WINDOW)
     between = in_between_mask(thick.z_mm, thin.z_mm)
     cubic = baseline_predictors(WINDOW)["cubic"](thick, thin)
-    assert result.scores["cubic"]["c-mid"]["all"] == pytest.approx(score(cubic, truth))
-    assert result.scores["cubic"]["c-mid"]["in_between"] == pytest.approx(score(cubic, truth, between))
+    assert result.scores["cubic"]["c-mid"]["all"] == pytest.approx(score(cubic, truth, width_hu=WINDOW[1]))
+    assert result.scores["cubic"]["c-mid"]["in_between"] == pytest.approx(score(cubic, truth, between, width_hu=WINDOW[1]))
     assert result.n_slices["c-mid"] == {"all": 20, "in_between": 16}
     means = result.means()
     psnrs = [result.scores["linear"][c]["all"]["psnr"] for c in NOISE]
