@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -48,6 +49,18 @@ TYPE2_KEYWORDS = (
 FILE_NAME = re.compile(r"^IM\d{5,}\.dcm$")
 
 
+@dataclass(frozen=True)
+class SeriesLabel:
+    """How a derived series presents itself in a viewer's list of the study's series."""
+
+    description: str  # SeriesDescription, 64 characters at most
+    derivation: str  # DerivationDescription: what the pixels are
+    number_offset: int  # SeriesNumber = the input series' number + this, so it sorts beside it
+
+
+THIN_SERIES = SeriesLabel("ctdiff thin", "thin slices synthesized from a thicker series", 1000)
+
+
 def file_name(instance: int) -> str:
     return f"IM{instance:05d}.dcm"
 
@@ -64,11 +77,35 @@ def check_series_target(out_dir: str | Path) -> None:
         raise ValueError("the DICOM output folder holds other files; give a new or empty folder")
 
 
+def shared_template(template: Dataset | None) -> Dataset:
+    """`template` (None: a fresh anonymous study) with its study, frame of reference and study
+    date fixed, for several series that must stay together (an output and its uncertainty map):
+    `write_dicom_series` would give each series written from an incomplete template its own new
+    study or frame of reference, and a viewer would neither list them together nor link them.
+    """
+    ds = Dataset()
+    if template is None:
+        for keyword, value in ANONYMOUS_PATIENT.items():
+            setattr(ds, keyword, value)
+    else:
+        ds.update(template)  # a copy: the caller's header stays as it was
+    if not ds.get("StudyInstanceUID"):
+        ds.StudyInstanceUID = generate_uid()
+    if not ds.get("FrameOfReferenceUID"):
+        ds.FrameOfReferenceUID = generate_uid()
+    now = datetime.now()
+    if "StudyDate" not in ds:
+        ds.StudyDate = now.strftime("%Y%m%d")
+    if "StudyTime" not in ds:
+        ds.StudyTime = now.strftime("%H%M%S")
+    return ds
+
+
 def write_dicom_series(
     volume: Volume,
     template: Dataset | None,
     out_dir: str | Path,
-    series_description: str = "ctdiff thin",
+    label: SeriesLabel = THIN_SERIES,
     uid_root: str | None = None,
 ) -> list[Path]:
     """Write one file per slice, IM00001.dcm (lowest position) onward; returns their paths.
@@ -78,7 +115,7 @@ def write_dicom_series(
     out_dir = Path(out_dir)
     check_series_target(out_dir)
     new_uid = (lambda: generate_uid()) if uid_root is None else (lambda: generate_uid(prefix=uid_root))
-    base = _series_dataset(volume, template, series_description, new_uid())
+    base = _series_dataset(volume, template, label, new_uid())
     # One intercept for the whole series, so that uint16 stored values hold every int16 HU:
     # the usual -1024, lower only when the volume holds values below air.
     intercept = min(AIR_HU, int(volume.hu.min())) if volume.hu.size else AIR_HU
@@ -104,7 +141,7 @@ def write_dicom_series(
     return [out_dir / name for name in names]
 
 
-def _series_dataset(volume: Volume, template: Dataset | None, description: str,
+def _series_dataset(volume: Volume, template: Dataset | None, label: SeriesLabel,
                     series_uid: str) -> Dataset:
     """Everything shared by the slices of the series."""
     ds = Dataset()
@@ -133,11 +170,11 @@ def _series_dataset(volume: Volume, template: Dataset | None, description: str,
     ds.SeriesInstanceUID = series_uid
     # Beside the input series in a viewer's list, without clashing with the scanner's numbers.
     source_number = int(template.get("SeriesNumber") or 0) if template is not None else 0
-    ds.SeriesNumber = source_number + 1000
-    ds.SeriesDescription = description[:64]
+    ds.SeriesNumber = source_number + label.number_offset
+    ds.SeriesDescription = label.description[:64]
     ds.Manufacturer = "ctdiff"
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-    ds.DerivationDescription = "thin slices synthesized from a thicker series"
+    ds.DerivationDescription = label.derivation
     ds.BurnedInAnnotation = "NO"
     ds.AcquisitionNumber = ""
     ds.ImageOrientationPatient = [format_number_as_ds(float(v)) for v in volume.orientation]

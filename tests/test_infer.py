@@ -22,7 +22,15 @@ from infer_fixtures import (
 
 from ctdiff.dicom import read_series
 from ctdiff.errors import CaseError
-from ctdiff.infer import discover_inputs, infer_batch, infer_case, merge_hu
+from ctdiff.infer import (
+    Prediction,
+    as_prediction,
+    discover_inputs,
+    infer_batch,
+    infer_case,
+    merge_hu,
+    uncertainty_hu,
+)
 from ctdiff.interpolate import interpolate_z
 from ctdiff.nifti import read_nifti, write_nifti
 from ctdiff.volume import Volume
@@ -185,13 +193,14 @@ def test_infer_batch_reports_a_broken_case_and_does_the_rest(tmp_path, rng, fmt)
     by_id = {r["id"]: r for r in results}
     assert list(by_id) == ["case_000", "broken", "folder_case", "scan"]
     assert by_id["broken"]["status"] == "failed" and by_id["broken"]["reason"] == "corrupt zip"
-    assert by_id["broken"]["output"] is None
+    assert by_id["broken"]["output"] is None and by_id["broken"]["std_output"] is None
     assert by_id["case_000"]["category"] == "APE"
     for case_id in ("case_000", "folder_case", "scan"):
         entry = by_id[case_id]
         assert entry["status"] == "ok" and entry["reason"] is None and entry["format"] == fmt
         name = f"{case_id}.nii.gz" if fmt == "nifti" else case_id
         assert entry["output"] == str(tmp_path / "out" / name)
+        assert entry["std_output"] is None  # the linear predictor gives no std
         assert (tmp_path / "out" / name).exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         f"{i}.nii.gz" if fmt == "nifti" else i for i in ("case_000", "folder_case", "scan"))
@@ -203,3 +212,140 @@ def test_discover_inputs_refuses_duplicate_ids(tmp_path, rng):
     (tmp_path / "scan.zip").write_bytes(b"")
     with pytest.raises(ValueError, match="two cases have the id 'scan'"):
         discover_inputs(tmp_path)
+
+
+# --- The uncertainty map beside the output ---------------------------------------------------
+
+STD = 0.05  # windowed units: 0.05 × 400 HU = 20 HU where the model decides alone
+
+
+def sampling(std: float):
+    """A predictor as a sampler of several samples returns it: (mean, per-voxel std)."""
+    def predict(thick_windowed, thick_z_mm, thin_z_mm):
+        mean = linear(thick_windowed, thick_z_mm, thin_z_mm)
+        return mean, np.full(mean.shape, std, dtype=np.float32)
+    return predict
+
+
+def band_volume(orientation, rng) -> Volume:
+    """`tissue_volume` with column 6 at -150 HU, 10 HU inside the window's 40 HU edge band."""
+    volume = tissue_volume(orientation, rng)
+    volume.hu[:, :, 6] = -150
+    return volume
+
+
+def expected_std_columns(std_hu: np.ndarray) -> None:
+    """Air and bone: cubic HU, std 0. Fat and soft tissue: 20 HU. The band column: t = 0.25,
+    smoothstep 0.15625, 20 × 0.15625 = 3.1 -> 3."""
+    assert np.all(std_hu[..., :4] == 0) and np.all(std_hu[..., 7:] == 0)
+    assert np.all(std_hu[..., 4:6] == 20)
+    assert np.all(std_hu[..., 6] == 3)
+
+
+def test_uncertainty_hu_golden_values():
+    cubic = np.array([-1100, -1000, -160, -150, -140, -120, 40, 200, 220, 240, 1000], np.float32)
+    std = np.full(cubic.shape, STD, np.float32)
+    out = uncertainty_hu(std[:, None, None], cubic[:, None, None], *WINDOW)[:, 0, 0]
+    # 20 HU × the model's weight in merge_hu (see test_merge_hu_golden_values): 0 outside the
+    # window, 0.15625 at -150, 0.5 at -140 and 220, 1 from 40 HU inside either edge.
+    np.testing.assert_array_equal(out, [0, 0, 0, 3, 10, 20, 20, 20, 10, 0, 0])
+    assert out.dtype == np.int16
+
+
+def test_as_prediction_takes_an_array_or_mean_and_std():
+    mean = np.full((2, 3, 4), 1.5)
+    plain = as_prediction(mean, (2, 3, 4))
+    assert plain.std is None and plain.mean.dtype == np.float32 and plain.mean.max() == 1.0
+    both = as_prediction((mean, np.full((2, 3, 4), 0.1)), (2, 3, 4))
+    assert both.std.dtype == np.float32 and both.std.shape == (2, 3, 4)
+    assert as_prediction(Prediction(mean, None), (2, 3, 4)).std is None
+    with pytest.raises(ValueError, match="tuple of 3"):
+        as_prediction((mean, mean, mean), (2, 3, 4))
+
+
+def test_infer_case_writes_the_std_map_beside_nifti_output(tmp_path, rng):
+    scan = write_nifti(band_volume(ORIENTATIONS["axial"], rng), tmp_path / "scan.nii.gz")
+    summary = infer_case(scan, tmp_path / "thin.nii.gz", sampling(STD), WINDOW, 1.0)
+    assert summary["std_output"] == str(tmp_path / "thin_std.nii.gz")
+    thin, std = nib.load(tmp_path / "thin.nii.gz"), nib.load(tmp_path / "thin_std.nii.gz")
+    assert std.shape == thin.shape == (10, 12, 20)
+    np.testing.assert_array_equal(std.affine, thin.affine)
+    np.testing.assert_array_equal(std.header.get_qform(), thin.header.get_qform())
+    assert std.get_data_dtype() == np.int16
+    expected_std_columns(np.asarray(std.dataobj).transpose(2, 1, 0))  # (D, H, W)
+    plain = tmp_path / "plain.nii.gz"  # the mean is what a plain predictor gives
+    infer_case(scan, plain, linear, WINDOW, 1.0)
+    np.testing.assert_array_equal(np.asarray(thin.dataobj), np.asarray(nib.load(plain).dataobj))
+
+
+def test_infer_case_writes_the_std_series_beside_dicom_output(tmp_path, rng):
+    folder = write_dicom_input(tmp_path / "case", band_volume(ORIENTATIONS["oblique"], rng), rng)
+    summary = infer_case(folder, tmp_path / "out", sampling(STD), WINDOW, 1.0)
+    assert summary["std_output"] == str(tmp_path / "out_std")
+    thin = [pydicom.dcmread(p) for p in sorted((tmp_path / "out").iterdir())]
+    std = [pydicom.dcmread(p) for p in sorted((tmp_path / "out_std").iterdir())]
+    assert len(std) == len(thin) == 20
+    for a, b in zip(thin, std):
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                        "SliceThickness", "SpacingBetweenSlices", "StudyInstanceUID",
+                        "FrameOfReferenceUID", "InstanceNumber"):
+            assert b[keyword].value == a[keyword].value, keyword
+        assert b.SeriesInstanceUID != a.SeriesInstanceUID and b.SOPInstanceUID != a.SOPInstanceUID
+        assert b.SeriesDescription == "ctdiff thin uncertainty (std, HU)"
+        assert list(b.ImageType)[0] == "DERIVED" and b.SeriesNumber == a.SeriesNumber + 1
+        expected_std_columns(b.pixel_array.astype(np.int32) + int(b.RescaleIntercept))
+    assert len({ds.SeriesInstanceUID for ds in std}) == 1
+
+
+@pytest.mark.parametrize("name", ["thin.nii.gz", "out"])
+def test_plain_predictor_writes_no_std_and_removes_an_earlier_one(tmp_path, rng, name):
+    scan = write_nifti(band_volume(ORIENTATIONS["axial"], rng), tmp_path / "scan.nii.gz")
+    std_name = "thin_std.nii.gz" if name.endswith(".gz") else "out_std"
+    infer_case(scan, tmp_path / name, sampling(STD), WINDOW, 1.0)
+    assert (tmp_path / std_name).exists()
+    summary = infer_case(scan, tmp_path / name, linear, WINDOW, 1.0)
+    assert summary["std_output"] is None
+    assert not (tmp_path / std_name).exists()  # it described the earlier output, not this one
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["scan.nii.gz", name])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda mean: np.full(mean.shape, -0.01, np.float32), "negative std"),
+    (lambda mean: np.zeros(mean.shape[1:], np.float32), r"std of shape \(12, 10\)"),
+    (lambda mean: np.where(mean > 0.5, np.nan, 0.1), "std with NaN"),
+], ids=["negative", "shape", "nan"])
+def test_infer_case_refuses_a_bad_std(tmp_path, rng, bad, message):
+    scan = write_nifti(band_volume(ORIENTATIONS["axial"], rng), tmp_path / "scan.nii.gz")
+
+    def predict(thick_windowed, thick_z_mm, thin_z_mm):
+        mean = linear(thick_windowed, thick_z_mm, thin_z_mm)
+        return mean, bad(mean)
+
+    with pytest.raises(ValueError, match=message):
+        infer_case(scan, tmp_path / "thin.nii.gz", predict, WINDOW, 1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]  # nothing written
+
+
+def test_infer_case_refuses_a_foreign_std_sibling_before_any_work(tmp_path):
+    (tmp_path / "out_std").mkdir()
+    (tmp_path / "out_std" / "notes.txt").write_text("mine")
+    # The input does not exist: the refusal must come before it is read.
+    with pytest.raises(ValueError, match="'out_std', where the uncertainty map goes: .*other files"):
+        infer_case(tmp_path / "missing.zip", tmp_path / "out", sampling(STD), WINDOW, 1.0)
+    (tmp_path / "scan_std").write_text("a file")
+    with pytest.raises(ValueError, match="'scan_std', .* is a file"):
+        infer_case(tmp_path / "missing.zip", tmp_path / "scan", linear, WINDOW, 1.0)
+    assert (tmp_path / "out_std" / "notes.txt").read_text() == "mine"
+
+
+def test_infer_batch_writes_std_maps_and_refuses_clashing_ids(tmp_path, rng):
+    inputs = tmp_path / "in"
+    write_nifti(band_volume(ORIENTATIONS["axial"], rng), inputs / "scan.nii.gz")
+    [entry] = infer_batch(inputs, tmp_path / "out", sampling(STD), WINDOW, 1.0)
+    assert entry["status"] == "ok" and entry["std_output"] == str(tmp_path / "out" / "scan_std.nii.gz")
+    expected_std_columns(np.asarray(nib.load(entry["std_output"]).dataobj).transpose(2, 1, 0))
+
+    write_nifti(band_volume(ORIENTATIONS["axial"], rng), inputs / "scan_std.nii.gz")
+    with pytest.raises(ValueError, match="case 'scan_std' is where the uncertainty map of case 'scan'"):
+        infer_batch(inputs, tmp_path / "again", sampling(STD), WINDOW, 1.0, fmt="dicom")
+    assert not (tmp_path / "again").exists()

@@ -29,9 +29,17 @@ from infer_fixtures import (
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ctdiff.dicom import read_series
-from ctdiff.dicom_write import write_dicom_series
+from ctdiff.dicom_write import shared_template, write_dicom_series
 from ctdiff.errors import CaseError
-from ctdiff.infer_io import output_format, read_thick
+from ctdiff.infer_io import (
+    STD_SERIES,
+    check_output,
+    output_format,
+    read_thick,
+    remove_output,
+    std_output_path,
+    write_output,
+)
 from ctdiff.nifti import read_nifti, write_nifti
 
 
@@ -184,6 +192,52 @@ def test_dicom_output_folder_is_replaced_only_when_ours(tmp_path, rng):
         write_dicom_series(volume, None, out)
     with pytest.raises(ValueError, match=r"\.nii\.gz path"):
         output_format(tmp_path / "thin.nrrd")
+
+
+def test_shared_template_keeps_the_output_and_its_std_series_in_one_study(tmp_path, rng):
+    volume = make_volume(ORIENTATIONS["oblique"], rng)
+    for source in (None, dicom_template(generate_uid())):
+        if source is not None:
+            del source.FrameOfReferenceUID  # an input without one: the two series must share ours
+        template = shared_template(source)
+        write_output(volume, template, tmp_path / "out")
+        write_output(volume, template, tmp_path / "out_std", STD_SERIES)
+        thin = pydicom.dcmread(tmp_path / "out" / "IM00001.dcm")
+        std = pydicom.dcmread(tmp_path / "out_std" / "IM00001.dcm")
+        for keyword in ("StudyInstanceUID", "FrameOfReferenceUID", "StudyDate", "StudyTime",
+                        "PatientName", "PatientID"):
+            assert std[keyword].value == thin[keyword].value, keyword
+        assert thin.FrameOfReferenceUID  # a real UID, not an empty one shared by both
+        assert std.SeriesInstanceUID != thin.SeriesInstanceUID
+        assert std.SeriesNumber == thin.SeriesNumber + 1
+        assert std.SeriesDescription == "ctdiff thin uncertainty (std, HU)"
+        assert "standard deviation" in std.DerivationDescription
+        assert "synthesized" in thin.DerivationDescription
+    assert "FrameOfReferenceUID" not in source  # the caller's header is left as it was
+    assert thin.PatientName == FAKE_PATIENT
+
+
+def test_std_output_path_check_output_and_remove_output(tmp_path, rng):
+    assert std_output_path(tmp_path / "a.nii.gz") == tmp_path / "a_std.nii.gz"
+    assert std_output_path(tmp_path / "a.NII") == tmp_path / "a_std.NII"
+    assert std_output_path(tmp_path / "a.b") == tmp_path / "a.b_std"  # a DICOM folder
+    assert std_output_path(f"{tmp_path}/a/") == tmp_path / "a_std"
+    assert check_output(tmp_path / "a") == "dicom"
+    (tmp_path / "a_std").mkdir()
+    (tmp_path / "a_std" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="'a_std', where the uncertainty map goes: .*other files"):
+        check_output(tmp_path / "a")
+    with pytest.raises(ValueError, match="other files"):
+        remove_output(tmp_path / "a_std")
+    assert (tmp_path / "a_std" / "notes.txt").exists()
+
+    volume = make_volume(ORIENTATIONS["axial"], rng)
+    ours = [write_output(volume, None, tmp_path / "b_std"), write_output(volume, None, tmp_path / "c.nii")]
+    assert ours == ["dicom", "nifti"]
+    remove_output(tmp_path / "b_std")
+    remove_output(tmp_path / "c.nii")
+    remove_output(tmp_path / "missing.nii.gz")  # nothing there: nothing to do
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_std"]
 
 
 @pytest.mark.skipif(shutil.which("dcm2niix") is None,
