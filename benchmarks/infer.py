@@ -9,11 +9,12 @@ Prints one JSON document (progress on stderr):
             synthetic cases for a fixed number of steps; then, for each number of sampling
             steps, seconds per val volume (`ThinSliceModel.predict`: encode, windowed sampling,
             decode) and its PSNR against the true thin volume. Baselines: nearest and cubic
-            interpolation of the same thick volume, and the VAE ceiling (encode/decode of the
-            truth), scored the same way (ctdiff.metrics).
+            interpolation of the same thick volume, and the VAE ceiling of the formulation
+            (base + decoded true residual), scored the same way (ctdiff.metrics).
 - full      (--full) seconds per volume at full size: 50 thick -> 250 thin slices of 512 x 512,
-            the `slice-kl` VAE and the `full` UNet with random weights (speed does not depend on
-            the weights), bf16 autocast on CUDA, with peak GPU memory.
+            the default config (`slice-kl-4x` VAE, residual formulation, `full` UNet) with
+            random weights (speed does not depend on the weights), bf16 autocast on CUDA, with
+            peak GPU memory; one sample (infer.samples = K costs about K times the sampling).
 
 Anchors: the seed project reports ~15 s per volume with 20 DDIM steps on an A100; NVIDIA
 MAISI's rectified flow is ~33x faster than its DDPM (13 s vs 146 s for 512 x 512 x 128 on an
@@ -48,7 +49,7 @@ def _config(work: Path, store_path: Path, sampler: str, args: argparse.Namespace
     from ctdiff.config import load_config
 
     return load_config(None, [
-        f"paths.store={store_path}", f"paths.work={work}", "vae.preset=slice-kl-tiny",
+        f"paths.store={store_path}", f"paths.work={work}", "vae.preset=slice-kl-4x-tiny",
         f"train_vae.steps={args.vae_steps}", "train_vae.patch_slices=4", "train_vae.patch_size=64",
         "train_vae.lr=0.001", f"train_vae.val_every={args.vae_steps}", f"train_vae.checkpoint_every={args.vae_steps}",
         "train_vae.val_cases=1", "train_vae.device=cpu",
@@ -64,19 +65,21 @@ def train_models(work: Path, store_path: Path, args: argparse.Namespace) -> dict
     """A tiny VAE, its latents, and one tiny diffusion model per sampler: {sampler: checkpoint}."""
     from ctdiff.checkpoint import checkpoint_digest, load_vae
     from ctdiff.latents import LatentStore, compute_scale_factor, encode_case
+    from ctdiff.residual import vae_base
     from ctdiff.store import CaseStore
     from ctdiff.train_diffusion import train_diffusion
     from ctdiff.train_vae import train_vae
 
     store = CaseStore(store_path)
     config = _config(work, store_path, "rflow", args)
-    log(f"training slice-kl-tiny for {args.vae_steps} steps")
+    log(f"training {config.vae.preset} for {args.vae_steps} steps")
     vae_path = Path(train_vae(store, work / "vae", config)["best"])
-    vae, _ = load_vae(vae_path, "cpu")
+    vae, payload = load_vae(vae_path, "cpu")
+    base = vae_base(payload)
     latents = LatentStore(work / "latents", checkpoint_digest(vae_path))
-    latents.create(vae.preset_name, vae.factors, WINDOW)
+    latents.create(vae.preset_name, vae.factors, WINDOW, base)
     for case_id in store.ids():
-        encode_case(store, case_id, vae, latents, WINDOW, 64, "cpu", key=case_id)
+        encode_case(store, case_id, vae, latents, WINDOW, 64, "cpu", case_id, base)
     latents.set_scale_factor(compute_scale_factor(latents, store.ids(split="train")))
     checkpoints = {}
     for sampler in ("ddim", "rflow"):
@@ -102,7 +105,8 @@ def measure_quality(checkpoints: dict[str, Path], store_path: Path, step_counts:
         out["baselines"][method] = round(score(interpolate_z(x, thick.z_mm, thin.z_mm, method), truth)["psnr"], 2)
     for sampler, path in checkpoints.items():
         model = ThinSliceModel.load(path, "cpu")
-        out["baselines"].setdefault("vae_ceiling", round(score(model.reconstruct(truth), truth)["psnr"], 2))
+        ceiling = model.ceiling(truth, x, thick.z_mm, thin.z_mm)
+        out["baselines"].setdefault("vae_ceiling", round(score(ceiling, truth)["psnr"], 2))
         model.predict(x, thick.z_mm, thin.z_mm, sample_steps=1)  # warm-up
         rows = []
         for steps in step_counts:
@@ -123,6 +127,7 @@ def measure_full(device: str, step_counts: list[int], repeats: int, size: int = 
     from ctdiff.autoencoder import CtAutoencoder
     from ctdiff.config import load_config
     from ctdiff.diffusion import build_unet
+    from ctdiff.residual import condition_channels
     from ctdiff.thin_slice import ThinSliceModel
 
     dev = torch.device(device)
@@ -130,8 +135,10 @@ def measure_full(device: str, step_counts: list[int], repeats: int, size: int = 
     for sampler in ("rflow", "ddim"):
         config = load_config(None, [f"diffusion.sampler={sampler}", f"train_diffusion.device={device}"])
         torch.manual_seed(0)
-        vae = CtAutoencoder("slice-kl").to(dev).eval()
-        unet = build_unet(config.diffusion.preset, vae.preset.latent_channels).to(dev).eval()
+        vae = CtAutoencoder(config.vae.preset).to(dev).eval()
+        unet = build_unet(
+            config.diffusion.preset, vae.preset.latent_channels, condition_channels(vae.factors)
+        ).to(dev).eval()
         model = ThinSliceModel(unet, vae, config, 1.0, 5.0, 1.0, dev)
         rng = np.random.default_rng(0)
         thick = rng.random((n_thick, size, size), dtype=np.float32)
@@ -156,7 +163,7 @@ def measure_full(device: str, step_counts: list[int], repeats: int, size: int = 
             rows.append(row)
             log(f"full {sampler} {steps:>3} steps: {row}")
         results[sampler] = rows
-    return {"shape": f"{n_thick} thick -> {5 * n_thick} thin slices, {size} x {size}", "vae": "slice-kl", "unet": "full",
+    return {"shape": f"{n_thick} thick -> {5 * n_thick} thin slices, {size} x {size}", "vae": "slice-kl-4x (default config)", "unet": "full",
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else device, **results}
 
 

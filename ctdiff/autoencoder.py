@@ -3,8 +3,9 @@
 Two kinds:
 - `maisi-*`: MONAI's `AutoencoderKlMaisi`, a 3D KL autoencoder; `maisi-ct` has NVIDIA's released
   MAISI settings, so the published checkpoint loads into it key for key (4x per axis).
-- `slice-*`: MONAI's `AutoencoderKL` with `spatial_dims=2`, run slice by slice: 8x in-plane and
-  no compression along z, because 5 mm input slices must not be squeezed further.
+- `slice-*`: MONAI's `AutoencoderKL` with `spatial_dims=2`, run slice by slice: 8x in-plane
+  (4x for `slice-kl-4x*`) and no compression along z, because 5 mm input slices must not be
+  squeezed further.
 
 Both take windowed CT in [0, 1] shaped (B, 1, D, H, W) and give latents (B, C, d, h, w).
 """
@@ -40,6 +41,13 @@ PRESETS: dict[str, AutoencoderPreset] = {
     "maisi-tiny": AutoencoderPreset("maisi", (8, 16, 16), (1, 1, 1), 4, 4),
     "slice-kl": AutoencoderPreset("slice", (64, 128, 256, 256), (2, 2, 2, 2), 4, 32),
     "slice-kl-tiny": AutoencoderPreset("slice", (8, 16, 16, 16), (1, 1, 1, 1), 4, 4),
+    # Less in-plane compression, for residuals (ctdiff.residual), whose fine detail an 8x latent
+    # grid blurs away (measured in benchmarks/RESULTS.md). 4x: 4 channels on a 4x coarser grid,
+    # 4x fewer numbers than pixels; 2x: as many numbers as pixels, a learned (not a compressed)
+    # representation, for small images such as the demo's.
+    "slice-kl-4x": AutoencoderPreset("slice", (64, 128, 256), (2, 2, 2), 4, 32),
+    "slice-kl-4x-tiny": AutoencoderPreset("slice", (8, 16, 16), (1, 1, 1), 4, 4),
+    "slice-kl-2x-tiny": AutoencoderPreset("slice", (8, 16), (1, 1), 4, 4),
 }
 
 

@@ -95,7 +95,9 @@ class SynthConfig(_Section):
 
 
 class VaeConfig(_Section):
-    preset: Literal["maisi-ct", "maisi-tiny", "slice-kl", "slice-kl-tiny"] = "slice-kl"
+    preset: Literal[
+        "maisi-ct", "maisi-tiny", "slice-kl", "slice-kl-tiny", "slice-kl-4x", "slice-kl-4x-tiny", "slice-kl-2x-tiny",
+    ] = "slice-kl"
     pretrained: Path | None = None  # local weights to adopt, e.g. NVIDIA MAISI's autoencoder.pt
     allow_partial: bool = False  # load what fits and train the rest, instead of refusing
     num_splits: int = Field(1, ge=1)  # maisi only: split convolutions along one axis to bound memory
@@ -129,7 +131,7 @@ class EncodeConfig(_Section):
 
 
 class DiffusionConfig(_Section):
-    preset: Literal["tiny", "full"] = "full"  # DiffusionModelUNet size: tiny for CPU tests/demo
+    preset: Literal["tiny", "small", "full"] = "full"  # DiffusionModelUNet size: tiny/small for the CPU
     sampler: Literal["ddim", "rflow"] = "rflow"  # DDPM-trained + DDIM sampling, or rectified flow
     prediction: Literal["epsilon", "v_prediction"] = "v_prediction"  # ddim only; rflow predicts velocity
     train_timesteps: int = Field(1000, ge=2)  # training noise levels (DDPM) / time discretisation (rflow)
@@ -137,6 +139,12 @@ class DiffusionConfig(_Section):
     min_snr_gamma: float | None = Field(5.0, gt=0)  # ddim only: min-SNR-γ loss weights; null = plain MSE
     window_slices: int = Field(32, ge=1)  # thin latent slices seen at once (training and inference)
     overlap_slices: int = Field(8, ge=0)  # inference: latent slices shared by neighbouring windows
+    # What the model generates (ctdiff.residual): the residual over this classical z-interpolation
+    # of the thick slices (output = base + decoded residual), or `none`: the whole thin volume.
+    base: Literal["cubic", "linear", "none"] = "cubic"
+    # Move each sample so its thin slices average to the measured thick slab (ctdiff.slab); it
+    # assumes box-shaped slabs, as the synthetic cases have and real scanners do not.
+    slab_consistency: bool = False
 
 
 class TrainDiffusionConfig(_Section):
@@ -161,11 +169,13 @@ class EvaluateConfig(_Section):
     split: Literal["train", "val", "test"] = "test"
     cases: list[str] | None = None  # named cases instead of a split
     seed: int = 0  # sampling noise: the same checkpoint and seed give the same numbers
+    samples: int = Field(4, ge=1)  # K: samples (seeds seed..seed+K-1) averaged into the prediction
     device: str = "auto"
 
 
 class InferConfig(_Section):
     seed: int = 0
+    samples: int = Field(4, ge=1)  # K: averaged into the output; their std is written beside it
     device: str = "auto"
     sample_steps: int | None = Field(None, ge=1)  # null: the checkpoint's diffusion.sample_steps
     # The `infer` flow (deployments); `ctdiff infer` takes these as --checkpoint/--input/--output.

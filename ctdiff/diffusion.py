@@ -43,8 +43,10 @@ PRESETS: dict[str, UNetPreset] = {
     # GPU-sized (165M parameters): attention only at the lowest level, where a 32-slice window
     # of 32 x 32 latents (256 px images) is 8 x 8 x 8 = 512 tokens.
     "full": UNetPreset((128, 256, 512), (2, 2, 2), (False, False, True), 32, 64),
-    # CPU tests and the demo (0.44M parameters); its mid block still attends.
+    # CPU tests (0.44M parameters); its mid block still attends.
     "tiny": UNetPreset((16, 32), (1, 1), (False, False), 8, 16),
+    # The CPU demo and quality benchmark: tiny with twice the channels.
+    "small": UNetPreset((32, 64), (1, 1), (False, False), 8, 16),
 }
 
 
@@ -54,12 +56,14 @@ def get_preset(name: str) -> UNetPreset:
     return PRESETS[name]
 
 
-def build_unet(preset_name: str, latent_channels: int) -> DiffusionModelUNet:
-    """The preset's 3D UNet: (B, 2C, D, H, W) noisy latent + condition and (B,) timesteps -> (B, C, D, H, W)."""
+def build_unet(preset_name: str, latent_channels: int, condition_channels: int | None = None) -> DiffusionModelUNet:
+    """The preset's 3D UNet: (B, C + C_cond, D, H, W) noisy latent + condition and (B,) timesteps
+    -> (B, C, D, H, W). C_cond defaults to C (thick latents); the residual formulation's base
+    condition has one channel per pixel of a latent block (ctdiff.residual)."""
     preset = get_preset(preset_name)
     return DiffusionModelUNet(
         spatial_dims=3,
-        in_channels=2 * latent_channels,
+        in_channels=latent_channels + (latent_channels if condition_channels is None else condition_channels),
         out_channels=latent_channels,
         channels=preset.channels,
         num_res_blocks=preset.num_res_blocks,

@@ -8,6 +8,11 @@ The classical baselines window the thick HU first and interpolate the windowed s
 clip to [0, 1] (cubic overshoots): the same input and order a model sees, so the comparison is
 between methods and not between pre-processings.
 
+A predictor returns the prediction, or (prediction, std) when it samples: the per-voxel std of
+its samples, kept for the report's uncertainty figure. `model_predictors` turns one diffusion
+model into several entries (K-sample mean, one sample, the other slab-consistency setting, the
+VAE ceiling) that share one set of K draws per case.
+
 Every case is scored over all its thin slices (the store crops them to the z-range the thick
 series covers) and over the in-between slices only (`ctdiff.metrics.in_between_mask`). Volumes
 are dropped after each case; only 2-D views of the best and the worst case (by the model's
@@ -32,8 +37,10 @@ from ctdiff.metrics import Device, in_between_mask, score_regions
 from ctdiff.store import CaseStore
 from ctdiff.volume import Volume
 
-Predictor = Callable[[Volume, Volume], np.ndarray]  # (thick, thin) -> (D_thin, H, W) float in [0, 1]
-Scores = dict[str, float]  # {"psnr": dB, "ssim": 0..1}
+# (thick, thin) -> (D_thin, H, W) float in [0, 1], or that and its per-voxel std
+Predictor = Callable[[Volume, Volume], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
+Scores = dict[str, float]  # {"psnr": dB, "ssim": 0..1, "hist_w1_hu": HU}
+METRICS = ("psnr", "ssim", "hist_w1_hu")
 REGIONS = ("all", "in_between")
 MODEL_PREFIX = "model"  # SPEC §6 method name; checkpoints beyond the first are "model@..."
 FALLBACK_RANKING = "cubic"  # the best classical baseline ranks cases when no model is scored
@@ -59,7 +66,8 @@ class CaseViews:
 
     `axial` holds (H, W) slices at `z_mm` and `coronal` (D_thin, W) images at row `row`, both
     windowed [0, 1], keyed "thick" (nearest-expanded onto the thin grid: the real slabs),
-    "truth" and the method names the figures need.
+    "truth" and the method names the figures need; `std` the same views of the ranking
+    method's per-voxel sample std (windowed units), when it samples.
     """
 
     case_id: str
@@ -72,6 +80,7 @@ class CaseViews:
     thick_mm: float
     axial: dict[str, np.ndarray]
     coronal: dict[str, np.ndarray]
+    std: dict[str, np.ndarray] = field(default_factory=dict)  # {"axial", "coronal"}
 
 
 @dataclass
@@ -101,8 +110,8 @@ class EvaluationResult:
             rows = [self.scores[method][c][region] for c in self.case_ids]
             rows = [r for r in rows if r is not None]
             stats: dict[str, float | None] = {"n_cases": len(rows)}
-            for metric in ("psnr", "ssim"):
-                values = np.array([r[metric] for r in rows], dtype=np.float64)
+            for metric in METRICS:
+                values = np.array([r[metric] for r in rows if metric in r], dtype=np.float64)
                 stats[metric] = float(values.mean()) if values.size else None
                 std = float(values.std(ddof=1)) if values.size > 1 else 0.0
                 stats[f"{metric}_std"] = std if values.size else None
@@ -148,14 +157,21 @@ def evaluate_cases(
         between = in_between_mask(thick.z_mm, thin.z_mm)
         result.n_slices[case_id] = {"all": int(truth.shape[0]), "in_between": int(between.sum())}
         kept: dict[str, np.ndarray] = {}
+        std = None
         for method, predict in predictors.items():
-            pred = _checked(predict(thick, thin), truth.shape, method, case_id)
+            output = predict(thick, thin)
+            pred, pred_std = output if isinstance(output, tuple) else (output, None)
+            pred = _checked(pred, truth.shape, method, case_id)
             regions = {"all": None, "in_between": between} if between.any() else {"all": None}
-            result.scores[method][case_id] = {"in_between": None, **score_regions(pred, truth, regions, device)}
+            result.scores[method][case_id] = {
+                "in_between": None, **score_regions(pred, truth, regions, device, width_hu=window[1])
+            }
             if method in shown:
                 kept[method] = pred  # at most two predictions held until the views are cut
+            if method == ranked_by and pred_std is not None:
+                std = _checked(pred_std, truth.shape, f"{method} std", case_id)
         rank_psnr = result.scores[ranked_by][case_id]["all"]["psnr"]
-        views = _case_views(case_id, thick, thin, truth, kept, rank_psnr, window)
+        views = _case_views(case_id, thick, thin, truth, kept, rank_psnr, window, std)
         del kept, truth
         if result.best is None or views.psnr > result.best.psnr:
             result.best = views
@@ -177,7 +193,7 @@ def _checked(pred: np.ndarray, shape: tuple[int, ...], method: str, case_id: str
 
 def _case_views(
     case_id: str, thick: Volume, thin: Volume, truth: np.ndarray, preds: dict[str, np.ndarray],
-    psnr: float, window: tuple[float, float],
+    psnr: float, window: tuple[float, float], std: np.ndarray | None = None,
 ) -> CaseViews:
     """Cut the figure's views: the axial slice farthest from a thick centre (nearest the middle on
     ties), where interpolation has the most to invent, and the middle coronal row."""
@@ -193,7 +209,64 @@ def _case_views(
         thin_spacing_mm=tuple(float(s) for s in thin.spacing_mm), thick_mm=float(thick.spacing_mm[0]),
         axial={k: v[z_index].copy() for k, v in images.items()},
         coronal={k: v[:, row, :].copy() for k, v in images.items()},
+        std={} if std is None else {"axial": std[z_index].copy(), "coronal": std[:, row, :].copy()},
     )
+
+
+# -- a diffusion model's entries ----------------------------------------------------------------
+
+
+class _Draws:
+    """The K samples of the case being scored, drawn once and shared by a model's entries
+    (evaluate_cases hands every predictor the same thick volume object per case)."""
+
+    def __init__(self, model, window: tuple[float, float], seed: int, samples: int):
+        self.model, self.window, self.seeds = model, window, list(range(seed, seed + samples))
+        self._thick: Volume | None = None
+        self._samples: np.ndarray | None = None
+
+    def __call__(self, thick: Volume, thin: Volume) -> np.ndarray:
+        if thick is not self._thick:
+            self._samples = None  # drop the last case's samples before drawing the next
+            self._samples = self.model.draw(thick.window(*self.window), thick.z_mm, thin.z_mm, self.seeds)
+            self._thick = thick
+        return self._samples  # (K, D_thin, H, W)
+
+
+def model_predictors(model, name: str, window: tuple[float, float], seed: int, samples: int) -> dict[str, Predictor]:
+    """A `ctdiff.thin_slice.ThinSliceModel`'s entries, from one set of K = `samples` draws per case:
+
+    - `name`: the mean of the K samples with the model's slab setting (what `ctdiff infer`
+      writes with the same settings), with their std;
+    - `name`_1sample: the first sample alone (PSNR rewards the mean, the histogram the sample);
+    - `name`_slab or `name`_no_slab: the mean with the other slab-consistency setting.
+    """
+    draws = _Draws(model, window, seed, samples)
+    slab = bool(model.slab_consistency)
+
+    def entry(first_only: bool, slab_consistency: bool) -> Predictor:
+        def predict(thick: Volume, thin: Volume):
+            drawn = draws(thick, thin)
+            chosen = drawn[:1] if first_only else drawn
+            mean, std = model.finish(chosen, thick.window(*window), thick.z_mm, thin.z_mm, slab_consistency)
+            return mean, std
+
+        return predict
+
+    return {
+        name: entry(False, slab),
+        f"{name}_1sample": entry(True, slab),
+        f"{name}_{'no_slab' if slab else 'slab'}": entry(False, not slab),
+    }
+
+
+def ceiling_predictor(model, window: tuple[float, float]) -> Predictor:
+    """The VAE ceiling of a model's formulation (`ThinSliceModel.ceiling`): the best its VAE allows."""
+
+    def predict(thick: Volume, thin: Volume) -> np.ndarray:
+        return model.ceiling(thin.window(*window), thick.window(*window), thick.z_mm, thin.z_mm)
+
+    return predict
 
 
 # -- metrics.json and the history ----------------------------------------------------------------
@@ -214,6 +287,7 @@ def metrics_json(result: EvaluationResult, window: tuple[float, float] | None = 
         methods[method] = {
             "psnr": means[method]["psnr"], "ssim": means[method]["ssim"],
             "psnr_std": means[method]["psnr_std"], "ssim_std": means[method]["ssim_std"],
+            "hist_w1_hu": means[method]["hist_w1_hu"], "hist_w1_hu_std": means[method]["hist_w1_hu_std"],
             "in_between": between[method],
             "per_case": per_case,
         }
@@ -242,8 +316,8 @@ def history_record(
     return {
         "time": time_iso, "checkpoint": checkpoint, "checkpoint_digest": checkpoint_digest, "split": split,
         "n_cases": len(result.case_ids), **extra,
-        "means": {m: {"psnr": s["psnr"], "ssim": s["ssim"]} for m, s in result.means("all").items()},
-        "in_between_means": {m: {"psnr": s["psnr"], "ssim": s["ssim"]} for m, s in result.means("in_between").items()},
+        "means": {m: {k: s[k] for k in METRICS} for m, s in result.means("all").items()},
+        "in_between_means": {m: {k: s[k] for k in METRICS} for m, s in result.means("in_between").items()},
     }
 
 

@@ -2,8 +2,10 @@
 
 A window is `window_slices` consecutive thin latent slices of a random case (the whole volume,
 padded, when it is shorter), optionally cropped in-plane to `latent_patch`, with the condition
-computed from the thick latents at the window's thin latent positions (ctdiff.diffusion). Both
-are multiplied by the store's latent scale factor. Padding (depth beyond the volume, in-plane up
+computed from the thick latents at the window's thin latent positions (ctdiff.diffusion); both
+are multiplied by the store's latent scale factor. In a residual store (ctdiff.residual) the
+window is of residual latents (times the scale factor) and the condition is the stored base
+condition over the same latent slices, as it is (already in [-1, 1]). Padding (depth beyond the volume, in-plane up
 to the network's size multiple or the patch) is zero, and the mask is 0 there so the loss never
 counts it. Every random choice comes from one numpy Generator, whose state training checkpoints
 save.
@@ -23,6 +25,7 @@ import numpy as np
 
 from ctdiff.diffusion import condition, latent_z
 from ctdiff.latents import LatentStore
+from ctdiff.residual import is_residual
 from ctdiff.sliding import padded_size
 
 DEFAULT_CACHE_BYTES = 2 << 30
@@ -60,6 +63,7 @@ class LatentWindowSampler:
         self.rng = rng
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.residual = is_residual(store.base)
         depth_factor = int(store.root_attrs()["factors"][0])
         self._cases: dict[str, _Case] = {}
         for case_id in self.case_ids:  # positions and shapes only: a few numbers per slice
@@ -69,23 +73,28 @@ class LatentWindowSampler:
                 thin_z_mm=latent_z(np.asarray(attrs["thin"]["z_mm"]), depth_factor),
                 thick_z_mm=latent_z(np.asarray(attrs["thick"]["z_mm"]), depth_factor),
             )
-        channels, _, height, width = store.entry(self.case_ids[0])["thin_latent_shape"]
+        first = store.entry(self.case_ids[0])
+        channels, _, height, width = first["thin_latent_shape"]
         self.channels = int(channels)
+        self.condition_channels = int(first["condition_shape"][0]) if self.residual else self.channels
         self.plane = (
             (latent_patch, latent_patch) if latent_patch is not None
             else (padded_size(height, size_multiple), padded_size(width, size_multiple))
         )
 
     def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """x0, cond (B, C, window, h, w) and mask (B, 1, window, h, w), float32."""
+        """x0 (B, C, window, h, w), cond (B, C_cond, window, h, w) and mask (B, 1, window, h, w),
+        float32."""
         shape = (batch_size, self.channels, self.window_slices, *self.plane)
-        x0, cond = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        x0 = np.zeros(shape, np.float32)
+        cond = np.zeros((batch_size, self.condition_channels, *shape[2:]), np.float32)
         mask = np.zeros((batch_size, 1, *shape[2:]), np.float32)
+        cond_scale = 1.0 if self.residual else self.scale_factor
         for b in range(batch_size):
-            thin, cond_b = self._window()  # (C, d, h, w) each, d <= window
+            thin, cond_b = self._window()  # (C, d, h, w), (C_cond, d, h, w); d <= window
             _, d, h, w = thin.shape
             x0[b, :, :d, :h, :w] = thin * self.scale_factor
-            cond[b, :, :d, :h, :w] = cond_b * self.scale_factor
+            cond[b, :, :d, :h, :w] = cond_b * cond_scale
             mask[b, :, :d, :h, :w] = 1.0
         return x0, cond, mask
 
@@ -95,11 +104,14 @@ class LatentWindowSampler:
         z0 = int(self.rng.integers(max(case.thin_depth - self.window_slices, 0) + 1))
         thin_all, thick_all = self._latents(case_id)  # (C, d_thin, H, W), (C, d_thick, H, W)
         thin = thin_all[:, z0 : z0 + self.window_slices]  # (C, d, H, W)
-        thin_z = case.thin_z_mm[z0 : z0 + thin.shape[1]]
-        # Only the thick slices that bracket the window enter the interpolation.
-        lo = max(int(np.searchsorted(case.thick_z_mm, thin_z[0], side="right")) - 1, 0)
-        hi = min(int(np.searchsorted(case.thick_z_mm, thin_z[-1], side="left")), len(case.thick_z_mm) - 1)
-        cond = condition(thick_all[:, lo : hi + 1], case.thick_z_mm[lo : hi + 1], thin_z)  # (C, d, H, W)
+        if self.residual:  # thick_all is the base condition on the thin latent grid
+            cond = thick_all[:, z0 : z0 + self.window_slices]  # (C_cond, d, H, W)
+        else:
+            thin_z = case.thin_z_mm[z0 : z0 + thin.shape[1]]
+            # Only the thick slices that bracket the window enter the interpolation.
+            lo = max(int(np.searchsorted(case.thick_z_mm, thin_z[0], side="right")) - 1, 0)
+            hi = min(int(np.searchsorted(case.thick_z_mm, thin_z[-1], side="left")), len(case.thick_z_mm) - 1)
+            cond = condition(thick_all[:, lo : hi + 1], case.thick_z_mm[lo : hi + 1], thin_z)  # (C, d, H, W)
         if self.latent_patch is None:
             return thin, cond
         _, _, height, width = thin.shape
@@ -109,11 +121,12 @@ class LatentWindowSampler:
         return thin[crop], cond[crop]
 
     def _latents(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """A case's thin and thick latents, from the cache or the store."""
+        """A case's thin latents and their condition source (thick latents, or the base
+        condition of a residual store), from the cache or the store."""
         if case_id in self._cache:
             self._cache.move_to_end(case_id)
             return self._cache[case_id]
-        latents = (self.store.read(case_id, "thin"), self.store.read(case_id, "thick"))
+        latents = (self.store.read(case_id, "thin"), self.store.read(case_id, "condition" if self.residual else "thick"))
         self._cache[case_id] = latents
         while len(self._cache) > 1 and sum(a.nbytes + b.nbytes for a, b in self._cache.values()) > self.cache_bytes:
             self._cache.popitem(last=False)

@@ -4,9 +4,15 @@ Layout (one store per VAE checkpoint, beside the case store)::
 
     <work>/latents/<vae_digest>/zarr.json      root; attrs: format, vae_digest, preset, factors,
                                                window, scale_factor
-    <work>/latents/<vae_digest>/cases/<id>/    float32 arrays thick, thin (C, d, h, w) and the
-                                               case attrs (key, window, per kind: shape, padding,
+    <work>/latents/<vae_digest>/cases/<id>/    float32 arrays (C, d, h, w) and the case attrs
+                                               (key, window, base, per kind: shape, padding,
                                                z_mm, spacing_mm)
+
+The arrays follow the VAE's formulation (ctdiff.residual; root attr `base`): with `none`,
+`thin` and `thick` are the latents of the windowed volumes; with a residual base, `thin` is the
+latent of the gained residual of the thin volume over the base, and `condition` the base
+folded onto the thin latent grid (`base_condition`), so training reads its condition as it
+reads latents. The scale factor is then that of the residual latents.
     <work>/latents/<vae_digest>/.staging/      cases being written; renamed into place when done
 
 Latents are the posterior mean, never a sample (MONAI's `encode_stage_2_inputs` samples), so the
@@ -35,16 +41,17 @@ import uuid
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from ctdiff import autoencoder, windowing
+from ctdiff import autoencoder, interpolate, residual, windowing
 from ctdiff.autoencoder import CtAutoencoder
 from ctdiff.fingerprint import code_version, settings_digest
+from ctdiff.residual import Base, base_condition, base_volume, is_residual, residual_target
 from ctdiff.store import KINDS, CaseStore, Kind, replace_dir
 
 LATENT_FORMAT = 1
@@ -176,24 +183,31 @@ class LatentStore:
     def exists(self) -> bool:
         return (self.path / "zarr.json").is_file()
 
-    def create(self, preset: str, factors: tuple[int, int, int], window: tuple[float, float]) -> None:
+    def create(self, preset: str, factors: tuple[int, int, int], window: tuple[float, float], base: Base = "none") -> None:
         """Create or update the root and clear staging left by killed writers.
 
-        Call once before per-case writers start. A new window invalidates the scale factor.
+        Call once before per-case writers start. A new window or base invalidates the scale factor.
         """
         root = zarr.open_group(self.path, mode="a", zarr_format=3)
         window = [float(v) for v in window]
-        same_window = root.attrs.get("window") == window
-        root.attrs.update(
-            {"format": LATENT_FORMAT, "vae_digest": self.vae_digest, "preset": preset,
-             "factors": list(factors), "window": window,
-             "scale_factor": root.attrs.get("scale_factor") if same_window else None,
-             "scale_factor_key": root.attrs.get("scale_factor_key") if same_window else None}
-        )
+        attrs = {"format": LATENT_FORMAT, "vae_digest": self.vae_digest, "preset": preset,
+                 "factors": list(factors), "window": window, "base": base}
+        if any(root.attrs.get(k) != v for k, v in attrs.items()):  # a no-op rerun writes nothing
+            same = root.attrs.get("window") == window and root.attrs.get("base", "none") == base
+            root.attrs.update({
+                **attrs,
+                "scale_factor": root.attrs.get("scale_factor") if same else None,
+                "scale_factor_key": root.attrs.get("scale_factor_key") if same else None,
+            })
         shutil.rmtree(self.path / ".staging", ignore_errors=True)
 
     def root_attrs(self) -> dict[str, Any]:
         return dict(zarr.open_group(self.path, mode="r").attrs) if self.exists() else {}
+
+    @property
+    def base(self) -> Base:
+        """The formulation of these latents (stores from before it: none)."""
+        return self.root_attrs().get("base", "none")
 
     @property
     def scale_factor(self) -> float | None:
@@ -224,29 +238,33 @@ class LatentStore:
         return [self.entry(case_id) for case_id in self.ids()]
 
     def entry(self, case_id: str) -> dict[str, Any]:
-        """id, key, and each kind's image shape (D, H, W) and latent shape (C, d, h, w)."""
+        """id, key, each kind's image shape (D, H, W), and the shape (C, d, h, w) of each array
+        the case holds (`<name>_latent_shape` for thin and thick, `condition_shape`)."""
         group = self._open(case_id)
         if group is None:
             raise KeyError(f"case {case_id!r} has no latents in {self.path}")
         entry: dict[str, Any] = {"id": case_id, "key": group.attrs.get("key")}
         for kind in KINDS:
             entry[f"{kind}_shape"] = group.attrs.get(kind, {}).get("shape")
-            entry[f"{kind}_latent_shape"] = list(group[kind].shape)
+            entry[f"{kind}_latent_shape"] = list(group[kind].shape) if kind in group else None
+        entry["condition_shape"] = list(group["condition"].shape) if "condition" in group else None
         return entry
 
-    def read(self, case_id: str, kind: Kind, d_slice: slice = slice(None)) -> np.ndarray:
-        """Latents (C, d, h, w) float32 of a case, optionally a slab of latent depth."""
+    def read(self, case_id: str, kind: Kind | Literal["condition"], d_slice: slice = slice(None)) -> np.ndarray:
+        """An array (C, d, h, w) float32 of a case (thin, thick or condition), optionally a slab of
+        latent depth."""
         group = self._open(case_id)
         if group is None:
             raise KeyError(f"case {case_id!r} has no latents in {self.path}")
         return np.asarray(group[kind][:, d_slice], dtype=np.float32)
 
-    def write_case(self, case_id: str, thick_latent: np.ndarray, thin_latent: np.ndarray, attrs: dict) -> None:
-        """Write both latents and the case attrs (with its `key`) in staging, then rename."""
+    def write_case(self, case_id: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+        """Write a case's arrays ({name: (C, d, h, w)}) and attrs (with its `key`) in staging,
+        then rename."""
         assert "key" in attrs and self.exists(), "create() the store and give the case a key"
         staging = self.path / ".staging" / f"{case_id}-{uuid.uuid4().hex[:8]}"
         group = zarr.open_group(staging, mode="w", zarr_format=3)
-        for kind, latent in (("thick", thick_latent), ("thin", thin_latent)):
+        for kind, latent in arrays.items():
             channels, depth, height, width = latent.shape
             array = group.create_array(
                 kind,
@@ -268,15 +286,18 @@ class LatentStore:
 # -- case steps --------------------------------------------------------------------------------
 
 
-def latent_key(case_store_key: str, vae_digest: str, window: tuple[float, float], chunk_slices: int) -> str:
-    """Key of a case's latents: its case-store entry, the VAE weights, window, chunking and code."""
+def latent_key(
+    case_store_key: str, vae_digest: str, window: tuple[float, float], chunk_slices: int, base: Base = "none"
+) -> str:
+    """Key of a case's latents: its case-store entry, the VAE weights, window, chunking, base
+    and code."""
     window = [float(v) for v in window]
-    return settings_digest("latents", case_store_key, vae_digest, window, chunk_slices, _code_version())
+    return settings_digest("latents", case_store_key, vae_digest, window, chunk_slices, base, _code_version())
 
 
 @lru_cache(maxsize=1)
 def _code_version() -> str:
-    return code_version(autoencoder, windowing, sys.modules[__name__])
+    return code_version(autoencoder, windowing, interpolate, residual, sys.modules[__name__])
 
 
 def encode_case(
@@ -288,8 +309,11 @@ def encode_case(
     chunk_slices: int,
     device: str | torch.device,
     key: str,
+    base: Base = "none",
 ) -> dict[str, Any]:
     """Encode a case's thick and thin volumes into `latent_store`, unless `key` is there already.
+
+    `base` is the VAE's formulation (see the module docstring for what is stored).
 
     Creates the store root if missing; callers should `create()` it once first (it also takes a
     new window). Returns the case's `LatentStore.entry` with `cached` and `seconds`.
@@ -299,17 +323,25 @@ def encode_case(
         return {**latent_store.entry(case_id), "cached": True, "seconds": 0.0}
     center_hu, width_hu = (float(v) for v in window)
     if not latent_store.exists():
-        latent_store.create(model.preset_name, model.factors, (center_hu, width_hu))
-    elif latent_store.root_attrs()["window"] != [center_hu, width_hu]:
+        latent_store.create(model.preset_name, model.factors, (center_hu, width_hu), base)
+    elif (latent_store.root_attrs()["window"], latent_store.base) != ([center_hu, width_hu], base):
         raise ValueError(
-            f"latent store {latent_store.path} holds window {latent_store.root_attrs()['window']}: "
-            f"call LatentStore.create() with the new window before encoding"
+            f"latent store {latent_store.path} holds window {latent_store.root_attrs()['window']} and base "
+            f"{latent_store.base!r}: call LatentStore.create() with the new ones before encoding"
         )
-    latents: dict[str, np.ndarray] = {}
-    attrs: dict[str, Any] = {"key": key, "window": [center_hu, width_hu], "chunk_slices": chunk_slices}
-    for kind in KINDS:
-        volume = case_store.read(case_id, kind)
-        latents[kind] = encode_volume(model, volume.window(center_hu, width_hu), chunk_slices, device)
+    arrays: dict[str, np.ndarray] = {}
+    attrs: dict[str, Any] = {"key": key, "window": [center_hu, width_hu], "chunk_slices": chunk_slices, "base": base}
+    volumes = {kind: case_store.read(case_id, kind) for kind in KINDS}
+    windowed = {kind: volume.window(center_hu, width_hu) for kind, volume in volumes.items()}
+    if is_residual(base):
+        thin, thick = volumes["thin"], volumes["thick"]
+        base_thin = base_volume(windowed["thick"], thick.z_mm, thin.z_mm, base)  # (N, H, W)
+        arrays["thin"] = encode_volume(model, residual_target(windowed["thin"], base_thin), chunk_slices, device)
+        arrays["condition"] = base_condition(base_thin, model.factors)  # (f*f*fz, d, h, w)
+    else:
+        for kind in KINDS:
+            arrays[kind] = encode_volume(model, windowed[kind], chunk_slices, device)
+    for kind, volume in volumes.items():
         attrs[kind] = {
             "shape": list(volume.shape),
             "padding": list(padding_for(volume.shape, model.factors)),
@@ -317,7 +349,7 @@ def encode_case(
             "spacing_mm": [float(s) for s in volume.spacing_mm],
         }
     attrs["seconds"] = round(time.perf_counter() - start, 3)
-    latent_store.write_case(case_id, latents["thick"], latents["thin"], attrs)
+    latent_store.write_case(case_id, arrays, attrs)
     return {**latent_store.entry(case_id), "cached": False, "seconds": time.perf_counter() - start}
 
 

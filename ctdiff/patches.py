@@ -3,6 +3,11 @@
 Each patch reads only its slab (`store.read(..., z_slice=...)`), so memory stays at one patch
 per read whatever the volume size. Every random choice comes from one numpy Generator, so a
 sampler is deterministic given that generator's state, which training checkpoints save.
+
+With a residual `base` (ctdiff.residual) a patch is the gained residual of a thin slab over the
+base interpolated from the whole thick series (cropped in-plane to the patch first, so a cubic
+spline costs one patch column): what the residual VAE has to encode. Thick patches are then
+never drawn: the residual VAE never sees thick slices.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ctdiff.residual import Base, base_volume, is_residual, residual_target
 from ctdiff.store import CaseStore, Kind
 from ctdiff.windowing import apply_window
 
@@ -34,6 +40,7 @@ class PatchSampler:
         patch_size: int,
         rng: np.random.Generator,
         thick_probability: float = THICK_PROBABILITY,
+        base: Base = "none",
     ):
         if not case_ids:
             raise ValueError(f"no cases to sample patches from in {store.path}; preprocess some first")
@@ -43,7 +50,8 @@ class PatchSampler:
         self.patch_slices = patch_slices
         self.patch_size = patch_size
         self.rng = rng
-        self.thick_probability = thick_probability
+        self.base = base
+        self.thick_probability = 0.0 if is_residual(base) else thick_probability
         # Depths per case and kind, from the manifest entries (a few numbers, not volumes).
         self._depth: dict[tuple[str, Kind], int] = {}
         for case_id in self.case_ids:
@@ -54,7 +62,8 @@ class PatchSampler:
             self._depth[case_id, "thick"] = int(entry["n_thick"])
 
     def sample(self, batch_size: int) -> np.ndarray:
-        """(B, 1, patch_slices, patch_size, patch_size) float32 in [0, 1]."""
+        """(B, 1, patch_slices, patch_size, patch_size) float32: windowed in [0, 1], or the gained
+        residual (ctdiff.residual.residual_target) with a residual base."""
         out = np.zeros((batch_size, 1, self.patch_slices, self.patch_size, self.patch_size), np.float32)
         for b in range(batch_size):
             out[b, 0] = self._patch()
@@ -69,10 +78,15 @@ class PatchSampler:
         _, height, width = slab.shape
         y0 = int(self.rng.integers(max(height - self.patch_size, 0) + 1))
         x0 = int(self.rng.integers(max(width - self.patch_size, 0) + 1))
-        crop = slab.hu[:, y0 : y0 + self.patch_size, x0 : x0 + self.patch_size]
+        plane = (slice(None), slice(y0, y0 + self.patch_size), slice(x0, x0 + self.patch_size))
+        values = apply_window(slab.hu[plane], self.center_hu, self.width_hu)  # (d, h, w)
+        if is_residual(self.base):
+            thick = self.store.read(case_id, "thick")
+            base = base_volume(apply_window(thick.hu[plane], self.center_hu, self.width_hu), thick.z_mm, slab.z_mm, self.base)
+            values = residual_target(values, base)  # (d, h, w)
         patch = np.zeros((self.patch_slices, self.patch_size, self.patch_size), np.float32)
-        d, h, w = crop.shape
-        patch[:d, :h, :w] = apply_window(crop, self.center_hu, self.width_hu)
+        d, h, w = values.shape
+        patch[:d, :h, :w] = values
         return patch  # (patch_slices, patch_size, patch_size)
 
     # -- resumable state ---------------------------------------------------------------------

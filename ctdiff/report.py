@@ -21,7 +21,9 @@ import numpy as np  # noqa: E402
 from ctdiff.evaluate import MODEL_PREFIX, CaseViews, EvaluationResult, metrics_json  # noqa: E402
 from ctdiff.interpolate import METHODS  # noqa: E402
 
-_COLUMNS = ("PSNR all (dB)", "SSIM all", "PSNR in-between (dB)", "SSIM in-between")
+_COLUMNS = ("PSNR all (dB)", "SSIM all", "PSNR in-between (dB)", "SSIM in-between", "histogram W1 in-between (HU)")
+# Entries that `ctdiff.evaluate.model_predictors` adds beside a model: reported, not argued over.
+_VARIANTS = ("_1sample", "_slab", "_no_slab")
 _FEW_CASES = 5  # below this, say that the spread across cases is not to be trusted
 _DPI = 80
 _CORONAL_MAX_WIDTH = 2.0  # coronal views are cropped to at most this many times their z extent
@@ -42,14 +44,15 @@ def _mean_std(stats: dict[str, Any] | None, metric: str, digits: int) -> str:
 
 
 def table_rows(source: EvaluationResult | dict[str, Any]) -> list[dict[str, str]]:
-    """One row per method: mean ± std over cases of PSNR/SSIM, all and in-between slices."""
+    """One row per method: mean ± std over cases of PSNR/SSIM, all and in-between slices, and
+    the in-between histogram distance (lower is better)."""
     metrics = _as_metrics(source)
     rows = []
     for method, stats in metrics["methods"].items():
         between = stats.get("in_between")
         values = (
             _mean_std(stats, "psnr", 2), _mean_std(stats, "ssim", 4),
-            _mean_std(between, "psnr", 2), _mean_std(between, "ssim", 4),
+            _mean_std(between, "psnr", 2), _mean_std(between, "ssim", 4), _mean_std(between, "hist_w1_hu", 2),
         )
         rows.append({"method": method, **dict(zip(_COLUMNS, values)), "cases": str(len(stats["per_case"]))})
     return rows
@@ -75,12 +78,16 @@ def _label(method: str) -> str:
     return "the model" if method == MODEL_PREFIX else f"`{method}`"
 
 
+def _is_variant(method: str) -> bool:
+    return method.endswith(_VARIANTS)
+
+
 def findings(source: EvaluationResult | dict[str, Any]) -> list[str]:
     """Statements the numbers support, e.g. "the model does not beat nearest on in-between
     slices (PSNR 30.10 vs 31.20 dB)". "Beats" means a strictly higher mean over cases."""
     metrics = _as_metrics(source)
     methods = metrics["methods"]
-    models = [m for m in methods if m.startswith(MODEL_PREFIX)]
+    models = [m for m in methods if m.startswith(MODEL_PREFIX) and not _is_variant(m)]
     baselines = [m for m in METHODS if m in methods]
     n_cases = metrics.get("n_cases", max((len(s["per_case"]) for s in methods.values()), default=0))
     out = []
@@ -92,12 +99,40 @@ def findings(source: EvaluationResult | dict[str, Any]) -> list[str]:
         for region, where in (("all", "all slices"), ("in_between", "in-between slices")):
             out += _region_findings(methods, model, baselines, region, where)
         out += _case_wins(methods, model, baselines)
+        out += _variant_findings(methods, model)
         ceiling, mine = methods.get("vae_ceiling"), methods[model]
         if ceiling and ceiling.get("psnr") is not None and mine.get("psnr") is not None:
             gap = ceiling["psnr"] - mine["psnr"]
             side = "below" if gap >= 0 else "above"
             out.append(f"{_label(model)} is {abs(gap):.2f} dB PSNR {side} the VAE ceiling (all slices)")
     out += _ceiling_findings(methods, baselines)
+    return out
+
+
+def _variant_findings(methods: dict, model: str) -> list[str]:
+    """One sample against the mean of K, slab consistency on against off, and the histogram
+    distance against cubic's: the figures blur cannot win."""
+    def between(name: str) -> dict:
+        return (methods.get(name) or {}).get("in_between") or {}
+
+    mine, out = between(model), []
+    single = between(f"{model}_1sample")
+    if mine.get("psnr") is not None and single.get("psnr") is not None:
+        out.append(
+            f"{_label(model)}: the mean of its samples scores {mine['psnr'] - single['psnr']:+.2f} dB in-between PSNR "
+            f"over one sample, the single sample's histogram is {single['hist_w1_hu']:.2f} vs the mean's "
+            f"{mine['hist_w1_hu']:.2f} HU from the truth (W1, lower is sharper texture)"
+        )
+    for other, what in ((f"{model}_no_slab", "without"), (f"{model}_slab", "with")):
+        theirs = between(other)
+        if mine.get("psnr") is not None and theirs.get("psnr") is not None:
+            out.append(f"{_label(model)} {what} thick-slab consistency: {theirs['psnr']:.2f} dB in-between PSNR "
+                       f"(as configured: {mine['psnr']:.2f} dB)")
+    cubic = between("cubic")
+    if mine.get("hist_w1_hu") is not None and cubic.get("hist_w1_hu") is not None:
+        side = "closer to" if mine["hist_w1_hu"] < cubic["hist_w1_hu"] else "not closer to"
+        out.append(f"{_label(model)}'s intensity histogram is {side} the truth's than cubic's "
+                   f"(W1 {mine['hist_w1_hu']:.2f} vs {cubic['hist_w1_hu']:.2f} HU, in-between slices)")
     return out
 
 
@@ -237,6 +272,28 @@ def case_figure(views: CaseViews, role: str, ranked_by: str, window: tuple[float
     return _savefig(fig, path)
 
 
+def uncertainty_figure(views: CaseViews, ranked_by: str, window: tuple[float, float], path: Path) -> Path:
+    """The model's per-voxel sample std (HU) beside its absolute error (HU), axial and coronal,
+    for one case: where the samples disagree should be where the errors are."""
+    width = window[1]
+    dz, dy, dx = views.thin_spacing_mm
+    panels = [
+        ("axial", views.std["axial"], np.abs(views.axial[ranked_by] - views.axial["truth"]), dy / dx),
+        ("coronal", views.std["coronal"][::-1], np.abs(views.coronal[ranked_by] - views.coronal["truth"])[::-1], dz / dx),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(7.5, 7.0), constrained_layout=True)
+    vmax = max(float(np.percentile(np.concatenate([p[2].ravel() for p in panels]) * width, 99.5)), 1.0)
+    for r, (plane, std, error, aspect) in enumerate(panels):
+        for c, (image, title) in enumerate(((std, f"sample std, {plane}"), (error, f"|{ranked_by} − truth|, {plane}"))):
+            im = axes[r, c].imshow(image * width, cmap="magma", vmin=0, vmax=vmax, aspect=aspect, interpolation="nearest")
+            axes[r, c].set_title(title, fontsize=9)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+    fig.colorbar(im, ax=list(axes.ravel()), label="HU", shrink=0.8)
+    fig.suptitle(f"uncertainty of {ranked_by}, case {views.case_id} (axial z = {views.z_mm:.1f} mm)", fontsize=10)
+    return _savefig(fig, path)
+
+
 def trend_figure(history: list[dict[str, Any]], path: Path) -> Path:
     """PSNR and SSIM means of the model and cubic (bold; other baselines faint) per evaluation."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
@@ -274,7 +331,7 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def _case_table(metrics: dict[str, Any], result: EvaluationResult) -> str:
-    methods = list(metrics["methods"])
+    methods = [m for m in metrics["methods"] if not _is_variant(m)]  # the variants stay in metrics.json
     header = ["case", "thin slices", "in-between", *(f"{m} PSNR / SSIM" for m in methods)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     tags = {result.best.case_id: " (best)", result.worst.case_id: " (worst)"} if result.best else {}
@@ -309,6 +366,13 @@ def write_report(
             path = case_figure(views, role, result.ranked_by, window, out_dir / f"{role}_case.png")
             paths[f"figure_{role}"] = path
             figures.append(f"### {role.capitalize()} case: {views.case_id}\n\n![{role} case]({path.name})")
+        if result.best.std:
+            path = uncertainty_figure(result.best, result.ranked_by, window, out_dir / "uncertainty.png")
+            paths["figure_uncertainty"] = path
+            figures.append(
+                f"### Uncertainty: {result.best.case_id}\n\nPer-voxel standard deviation of the model's samples "
+                f"(HU) beside its error.\n\n![uncertainty]({path.name})"
+            )
     if len(history) >= 2:
         paths["trend"] = trend_figure(history, out_dir / "trend.png")
     center, width = window
@@ -318,7 +382,10 @@ def write_report(
         "windowed thin volume scaled to [0, 1] (data range 1) over all thin slices the thick series covers, "
         "and over the in-between slices only (thin slices not at a thick slice centre). PSNR is over the "
         "selected slices together; SSIM is 2-D per axial slice, averaged. Mean ± sample std over cases. "
-        "Baselines interpolate the windowed thick slices.",
+        "Baselines interpolate the windowed thick slices. The histogram distance is the Wasserstein-1 "
+        "distance between the intensity histograms of prediction and truth over the body voxels (HU; "
+        "lower is better; blur does not win it). `vae_ceiling` is the best output the model's VAE allows "
+        "under its formulation (for residual models: base + decoded true residual).",
         "## Methods\n\n" + markdown_table(metrics),
         "## Findings\n\n" + "\n".join(f"- {line}" for line in findings(metrics)),
     ]

@@ -11,6 +11,10 @@ and the update maths. Every random draw comes from a caller's `torch.Generator` 
 `RFlowScheduler.sample_timesteps` draws from the global RNG, so the time is drawn here), on the
 CPU, so a seed gives the same noise on any device.
 
+Sampling draws its starting noise from one generator per volume of the batch (`initial_noise`),
+so sample k of a batch is exactly the sample that generator alone would give: K samples with
+seeds s..s+K-1 can run as one batch.
+
 Notation: x0 the clean (scaled) thin latent, x_t the noisy one at time t, cond the condition,
 alpha_bar(t) the cumulative signal fraction, SNR(t) = alpha_bar / (1 - alpha_bar).
 `model_fn(torch.cat([x_t, cond], 1), t)` -> (B, C, D, H, W), t of shape (B,).
@@ -18,7 +22,7 @@ alpha_bar(t) the cumulative signal fraction, SNR(t) = alpha_bar / (1 - alpha_bar
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -28,6 +32,17 @@ from ctdiff.config import DiffusionConfig
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepProgress = Callable[[int, int], None]
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def initial_noise(shape: torch.Size | tuple[int, ...], generators: Generators) -> torch.Tensor:
+    """Standard normal noise (B, ...) on the CPU, volume b from generators[b] (one generator:
+    the whole batch from it, as `torch.randn(shape, generator=g)`)."""
+    if isinstance(generators, torch.Generator):
+        return torch.randn(shape, generator=generators)
+    if len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators])
 
 
 class Sampler(Protocol):
@@ -48,10 +63,11 @@ class Sampler(Protocol):
         ...
 
     def sample(
-        self, model_fn: ModelFn, cond: torch.Tensor, steps: int, generator: torch.Generator,
-        progress: StepProgress | None = None,
+        self, model_fn: ModelFn, cond: torch.Tensor, steps: int, generator: Generators,
+        progress: StepProgress | None = None, channels: int | None = None,
     ) -> torch.Tensor:
-        """Clean latents shaped like `cond`, from noise drawn with `generator`."""
+        """Clean latents (B, channels, ...) for a condition (B, C_cond, ...) (channels: C_cond when
+        None), from noise drawn with `generator` (see `initial_noise`)."""
         ...
 
 
@@ -125,12 +141,12 @@ class DdimSampler:
 
     @torch.no_grad()
     def sample(
-        self, model_fn: ModelFn, cond: torch.Tensor, steps: int, generator: torch.Generator,
-        progress: StepProgress | None = None,
+        self, model_fn: ModelFn, cond: torch.Tensor, steps: int, generator: Generators,
+        progress: StepProgress | None = None, channels: int | None = None,
     ) -> torch.Tensor:
-        """x0 (shaped like cond) by deterministic DDIM (eta = 0) from Gaussian noise."""
+        """x0 (B, channels, ...) by deterministic DDIM (eta = 0) from Gaussian noise."""
         self.scheduler.set_timesteps(steps)  # sets num_inference_steps, which step() reads
-        x_t = torch.randn(cond.shape, generator=generator).to(cond.device, cond.dtype)  # (B, C, D, H, W)
+        x_t = initial_noise(_latent_shape(cond, channels), generator).to(cond.device, cond.dtype)  # (B, C, D, H, W)
         timesteps = self.timesteps(steps)
         for i, t in enumerate(timesteps):
             output = model_fn(torch.cat([x_t, cond], dim=1), t.expand(cond.shape[0]).to(cond.device))
@@ -170,13 +186,13 @@ class RectifiedFlowSampler:
 
     @torch.no_grad()
     def sample(
-        self, model_fn: ModelFn, cond: torch.Tensor, steps: int, generator: torch.Generator,
-        progress: StepProgress | None = None,
+        self, model_fn: ModelFn, cond: torch.Tensor, steps: int, generator: Generators,
+        progress: StepProgress | None = None, channels: int | None = None,
     ) -> torch.Tensor:
-        """x0 (shaped like cond) by Euler steps of the predicted velocity from t = T (noise) to 0."""
+        """x0 (B, channels, ...) by Euler steps of the predicted velocity from t = T (noise) to 0."""
         if not 1 <= steps <= self.train_timesteps:
             raise ValueError(f"sample_steps={steps}: use 1 to train_timesteps={self.train_timesteps}")
-        x_t = torch.randn(cond.shape, generator=generator).to(cond.device, cond.dtype)  # (B, C, D, H, W)
+        x_t = initial_noise(_latent_shape(cond, channels), generator).to(cond.device, cond.dtype)  # (B, C, D, H, W)
         timesteps = self.timesteps(steps)
         next_timesteps = torch.cat([timesteps[1:], timesteps.new_zeros(1)])
         for i, (t, t_next) in enumerate(zip(timesteps, next_timesteps)):
@@ -186,6 +202,11 @@ class RectifiedFlowSampler:
             if progress is not None:
                 progress(i + 1, len(timesteps))
         return x_t
+
+
+def _latent_shape(cond: torch.Tensor, channels: int | None) -> tuple[int, ...]:
+    """The shape of the latents sampled for `cond` (B, C_cond, ...): `channels` replaces C_cond."""
+    return (cond.shape[0], cond.shape[1] if channels is None else channels, *cond.shape[2:])
 
 
 def make_sampler(config: DiffusionConfig) -> Sampler:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
-from ctdiff.samplers import ModelFn, Sampler, StepProgress
+from ctdiff.samplers import Generators, ModelFn, Sampler, StepProgress
 
 DEFAULT_WINDOW_BATCH = 2  # windows per network call
 
@@ -93,13 +93,17 @@ def sample_volume(
     overlap_slices: int,
     size_multiple: int,
     steps: int,
-    generator: torch.Generator,
+    generator: Generators,
     progress: StepProgress | None = None,
     window_batch: int = DEFAULT_WINDOW_BATCH,
+    channels: int | None = None,
 ) -> torch.Tensor:
-    """Clean latents (C, D, H, W) for a condition (C, D, H, W) of any depth, by windowed sampling.
+    """Clean latents for a condition (C_cond, D, H, W) of any depth, by windowed sampling:
+    (channels, D, H, W) for one generator, (K, channels, D, H, W) for a list of K generators
+    (K samples of one condition, batched; sample k equals the one generator k alone gives).
 
-    Deterministic for a generator state. `progress(step, steps)` after every denoising step.
+    `channels` defaults to C_cond. Deterministic for the generators' states.
+    `progress(step, steps)` after every denoising step.
     """
     if window_slices % size_multiple:
         raise ValueError(
@@ -112,6 +116,10 @@ def sample_volume(
         padded_size(width, size_multiple),
     )
     pad = (0, target[2] - width, 0, target[1] - height, 0, target[0] - depth)
-    padded = F.pad(cond, pad)[None]  # (1, C, D', H', W'), zeros beyond the volume
-    x0 = sampler.sample(windowed(model_fn, window_slices, overlap_slices, window_batch), padded, steps, generator, progress)
-    return x0[0, :, :depth, :height, :width]
+    batch = 1 if isinstance(generator, torch.Generator) else len(generator)
+    padded = F.pad(cond, pad)[None].expand(batch, -1, -1, -1, -1)  # (K, C_cond, D', H', W'), zeros beyond the volume
+    x0 = sampler.sample(
+        windowed(model_fn, window_slices, overlap_slices, window_batch), padded, steps, generator, progress, channels
+    )  # (K, C, D', H', W')
+    x0 = x0[:, :, :depth, :height, :width]
+    return x0[0] if isinstance(generator, torch.Generator) else x0

@@ -20,7 +20,9 @@ Checkpoint keys (plain values and tensors, `weights_only=True`): kind ("diffusio
 sampler, prediction, model (the EMA weights: what inference loads and `checkpoint_digest`
 hashes), train_model (the raw weights), ema_n_averaged, optimizer, step, best_val_psnr, history,
 rng {torch, noise, numpy, cuda}, config (resolved), vae {path, relative_path, digest}, latent
-{channels, factors, scale_factor, vae_preset}, thick_mm and thin_mm (median of the train cases).
+{channels, condition_channels, factors, scale_factor, vae_preset}, formulation {base,
+slab_consistency} (ctdiff.residual; checkpoints without it are of base none), thick_mm and
+thin_mm (median of the train cases).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ctdiff.latent_windows import LatentWindowSampler
 from ctdiff.latents import LatentStore
 from ctdiff.metrics import score
 from ctdiff.plots import plot_training_curves
+from ctdiff.residual import vae_base
 from ctdiff.samplers import make_sampler
 from ctdiff.store import CaseStore
 from ctdiff.thin_slice import ThinSliceModel, vae_record
@@ -81,20 +84,26 @@ def train_diffusion(
     dist, device = setup_distributed(tc.device)
     if not dist.enabled:
         device = resolve_device(tc.device)  # checks that a requested GPU is there
-    vae, _ = load_vae(vae_checkpoint, device)
+    vae, vae_payload = load_vae(vae_checkpoint, device)
+    if not vae_base(vae_payload) == latent_store.base == dc.base:
+        raise ValueError(
+            f"diffusion.base is {dc.base!r}, but the VAE {vae_checkpoint} was trained for base "
+            f"{vae_base(vae_payload)!r} and its latents encoded for {latent_store.base!r}; train the VAE "
+            "and encode the latents with the same diffusion.base"
+        )
     channels = int(latent_store.entry(train_ids[0])["thin_latent_shape"][0])
     multiple = get_preset(dc.preset).size_multiple
     _check_sizes(config, multiple)
 
-    torch.manual_seed(tc.seed)  # the same initial weights on every run and rank
-    unet = build_unet(dc.preset, channels).to(device)
-    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, foreach=True)  # one kernel per step, not per tensor
-    sampler = make_sampler(dc)
     windows = LatentWindowSampler(
         latent_store, train_ids, dc.window_slices, tc.latent_patch, multiple, scale_factor,
         rng=np.random.default_rng([tc.seed, dist.rank]) if dist.enabled else np.random.default_rng(tc.seed),
     )
+    torch.manual_seed(tc.seed)  # the same initial weights on every run and rank
+    unet = build_unet(dc.preset, channels, windows.condition_channels).to(device)
+    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, foreach=True)  # one kernel per step, not per tensor
+    sampler = make_sampler(dc)
     # Timesteps and noise of the loss; one stream per rank under DDP.
     noise_generator = torch.Generator().manual_seed(tc.seed * 1000 + dist.rank if dist.enabled else tc.seed)
     spacing = _spacings_mm(latent_store, train_ids)
@@ -133,8 +142,9 @@ def train_diffusion(
             },
             "config": config.model_dump(mode="json"),
             "vae": vae_record(vae_checkpoint, out_dir, vae_digest),
-            "latent": {"channels": channels, "factors": list(vae.factors), "scale_factor": scale_factor,
-                       "vae_preset": vae.preset_name},
+            "latent": {"channels": channels, "condition_channels": windows.condition_channels,
+                       "factors": list(vae.factors), "scale_factor": scale_factor, "vae_preset": vae.preset_name},
+            "formulation": {"base": dc.base, "slab_consistency": dc.slab_consistency},
             **spacing,
         })
 

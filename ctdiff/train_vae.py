@@ -1,5 +1,12 @@
 """Training the CT autoencoder on random patches: L1 + KL (+ an optional PatchGAN), resumable.
 
+What it learns follows `diffusion.base` (ctdiff.residual): with `none`, windowed thin and thick
+patches (L1); with a residual base (cubic, linear), gained residuals of thin patches over that
+base, with a squared-error loss: residuals are zero almost everywhere, so an L1 loss (whose
+minimiser is the median) teaches the decoder to output zero, while the squared error is what
+PSNR measures. Validation then scores the VAE ceiling of the formulation: base + decoded
+residual of the true residual, against the true thin volume.
+
 Resume is exact: `last.pt` holds the weights, optimiser states, step, history and every random
 generator the loop draws from (torch's, CUDA's and the patch sampler's), so a run killed after
 a checkpoint and started again reaches bit-identical weights to one that never stopped (CPU,
@@ -27,6 +34,7 @@ from ctdiff.checkpoint import load_checkpoint, save_checkpoint
 from ctdiff.config import Config, TrainVaeConfig
 from ctdiff.latents import decode_latents, encode_volume
 from ctdiff.metrics import score
+from ctdiff.residual import RESIDUAL_GAIN, Base, base_volume, compose, is_residual, residual_target, vae_base
 from ctdiff.patches import PatchSampler
 from ctdiff.plots import plot_training_curves
 from ctdiff.pretrained import load_pretrained
@@ -42,6 +50,7 @@ def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progres
     resumed_from (the step of the last.pt found, or None)}.
     """
     tc, vc = config.train_vae, config.vae
+    base = config.diffusion.base
     out_dir = Path(out_dir)
     paths = {"last": out_dir / "last.pt", "best": out_dir / "best.pt", "loss_plot": out_dir / "loss.png"}
     resume = load_checkpoint(paths["last"]) if paths["last"].is_file() else None
@@ -50,6 +59,11 @@ def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progres
             raise ValueError(
                 f"{paths['last']} holds a {resume.get('preset')!r} {resume.get('kind')} checkpoint, but "
                 f"vae.preset is {vc.preset!r}; use another paths.work or delete that checkpoint"
+            )
+        if vae_base(resume) != base:
+            raise ValueError(
+                f"{paths['last']} holds a VAE of base {vae_base(resume)!r}, but diffusion.base is {base!r}; "
+                "use another paths.work or delete that checkpoint"
             )
         if resume["step"] >= tc.steps:  # finished already: nothing to do
             return _summary(paths, resume["step"], resume["best_val_psnr"], None, resume["step"])
@@ -77,6 +91,7 @@ def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progres
     sampler = PatchSampler(
         store, store.ids(split="train"), window, tc.patch_slices, tc.patch_size,
         rng=np.random.default_rng([tc.seed, dist.rank]),  # one stream per rank
+        base=base,
     )
     step, best_psnr, history, resumed_from, latest_psnr = 0, -math.inf, [], None, None
     if resume is not None:
@@ -106,6 +121,7 @@ def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progres
             "optimizer": opt.state_dict(), "step": step, "best_val_psnr": best_psnr, "history": history,
             "rng": {"torch": torch.get_rng_state(), "numpy": sampler.rng_state(), "cuda": cuda_rng},
             "config": config.model_dump(mode="json"),
+            "target": {"base": base, "residual_gain": RESIDUAL_GAIN if is_residual(base) else None},
         }
         if disc is not None:
             payload["discriminator"] = disc.state_dict()
@@ -115,7 +131,7 @@ def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progres
     def validate_and_save(row: dict, checkpoint: bool) -> None:
         nonlocal best_psnr, latest_psnr
         if dist.is_main:
-            row.update(validate(model, store, val_ids, window, config.encode.chunk_slices, device, autocast))
+            row.update(validate(model, store, val_ids, window, config.encode.chunk_slices, device, autocast, base))
             latest_psnr = row["val_psnr"]
             if row["val_psnr"] > best_psnr:
                 best_psnr = row["val_psnr"]
@@ -129,7 +145,7 @@ def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progres
         x = torch.from_numpy(sampler.sample(tc.batch_size)).to(device)  # (B, 1, D, H, W)
         use_adv = disc is not None and step >= tc.adversarial_start
         discs = (disc, train_disc) if use_adv else None
-        row = _train_step(train_model, discs, opt, disc_opt, adv_loss, x, tc, autocast)
+        row = _train_step(train_model, discs, opt, disc_opt, adv_loss, x, tc, autocast, squared=is_residual(base))
         step += 1
         row = {"step": step, **row, "val_psnr": None, "val_ssim": None}
         history.append(row)
@@ -166,15 +182,18 @@ def _summary(paths: dict, step: int, best_psnr: float, pretrained: str | None, r
 def _train_step(
     model: nn.Module, discs: tuple[nn.Module, nn.Module] | None, opt: torch.optim.Optimizer,
     disc_opt: torch.optim.Optimizer | None, adv_loss: PatchAdversarialLoss, x: torch.Tensor, tc: TrainVaeConfig,
-    autocast: contextlib.AbstractContextManager,
+    autocast: contextlib.AbstractContextManager, squared: bool = False,
 ) -> dict:
     """One optimiser step of the VAE, and of the discriminator when `discs` (plain, as trained:
     DDP-wrapped or the same) is given. The generator loss goes through the plain module with
-    frozen weights, so DDP sees exactly one discriminator forward per backward."""
+    frozen weights, so DDP sees exactly one discriminator forward per backward. `squared`: the
+    reconstruction term is the mean squared error (residual VAEs) instead of L1; the history
+    keeps the name "l1" for either."""
     model.train()
     with autocast:
         recon, mu, sigma = model(x)  # (B, 1, D, H, W), (B, C, d, h, w) x 2
-        l1 = (recon.float() - x).abs().mean()
+        error = recon.float() - x
+        l1 = error.pow(2).mean() if squared else error.abs().mean()
         kl = kl_loss(mu.float(), sigma.float())
         loss = l1 + tc.kl_weight * kl
         adv = None
@@ -245,19 +264,41 @@ def reconstruct_volume(
 
 
 @torch.no_grad()
+def ceiling_volume(
+    model: CtAutoencoder, thin_windowed: np.ndarray, thick_windowed: np.ndarray, thick_z_mm: np.ndarray,
+    thin_z_mm: np.ndarray, base: Base, chunk_slices: int, device: torch.device,
+    autocast: contextlib.AbstractContextManager = contextlib.nullcontext(),
+) -> np.ndarray:
+    """The VAE ceiling of a formulation: the best thin volume (N, H, W) in [0, 1] that the VAE
+    allows. `none`: D(E(thin)); a residual base: base + D(E(true residual)) / gain."""
+    if not is_residual(base):
+        return reconstruct_volume(model, thin_windowed, chunk_slices, device, autocast)
+    base_thin = base_volume(thick_windowed, thick_z_mm, thin_z_mm, base)  # (N, H, W)
+    with autocast:
+        target = residual_target(thin_windowed, base_thin)
+        z = encode_volume(model, target, chunk_slices, device)  # (C, d, h, w)
+        decoded = decode_latents(model, z, target.shape, chunk_slices, device)  # (N, H, W)
+    return compose(base_thin, decoded)
+
+
+@torch.no_grad()
 def validate(
     model: CtAutoencoder, store: CaseStore, case_ids: list[str], window: tuple[float, float],
     chunk_slices: int, device: torch.device,
-    autocast: contextlib.AbstractContextManager = contextlib.nullcontext(),
+    autocast: contextlib.AbstractContextManager = contextlib.nullcontext(), base: Base = "none",
 ) -> dict:
-    """Mean PSNR (whole volume) and SSIM (2D, per thin slice) of posterior-mean reconstructions,
-    scored as evaluation scores them (ctdiff.metrics)."""
+    """Mean PSNR (whole volume) and SSIM (2D, per thin slice) of the VAE ceiling
+    (`ceiling_volume`), scored as evaluation scores them (ctdiff.metrics)."""
     was_training = model.training
     model.eval()
     psnrs, ssims = [], []
     for case_id in case_ids:
-        target = store.read(case_id, "thin").window(*window)  # (D, H, W) float32 in [0, 1]
-        metrics = score(reconstruct_volume(model, target, chunk_slices, device, autocast), target, device=device)
+        thin, thick = store.read(case_id, "thin"), store.read(case_id, "thick")
+        target = thin.window(*window)  # (D, H, W) float32 in [0, 1]
+        recon = ceiling_volume(
+            model, target, thick.window(*window), thick.z_mm, thin.z_mm, base, chunk_slices, device, autocast
+        )
+        metrics = score(recon, target, device=device)
         psnrs.append(metrics["psnr"])
         ssims.append(metrics["ssim"])
     model.train(was_training)

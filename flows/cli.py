@@ -110,7 +110,8 @@ def run_infer(config: Config, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     steps = config.infer.sample_steps or model.sample_steps
     print(
-        f"model {args.checkpoint} ({model.sampler_name}, {steps} steps, seed {config.infer.seed}) "
+        f"model {args.checkpoint} ({model.sampler_name}, {steps} steps, {config.infer.samples} sample(s) from seed "
+        f"{config.infer.seed}) "
         f"on {model.device}: {model.thick_mm:g} mm -> {model.thin_mm:g} mm",
         file=sys.stderr,
     )
@@ -121,7 +122,7 @@ def run_infer(config: Config, args: argparse.Namespace) -> int:
             bar.reset(total)
         bar.update(step - bar.n)
 
-    predictor = model.predictor(config.infer.seed, config.infer.sample_steps, step_progress)
+    predictor = model.predictor(config.infer.seed, config.infer.sample_steps, step_progress, config.infer.samples)
     window = model.window
     try:
         if args.batch:

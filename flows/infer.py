@@ -36,7 +36,7 @@ def infer(config: str | None = None, overrides: list[str] | None = None) -> dict
     with Progress(len(refs), "case", "infer") as progress:
         for ref in refs:
             out = output_path(output_dir, ref.id, ic.format)
-            results.append(infer_case(ref.to_dict(), str(out), checkpoint, ic.seed, ic.sample_steps, device))
+            results.append(infer_case(ref.to_dict(), str(out), checkpoint, ic.seed, ic.sample_steps, device, ic.samples))
             progress.advance(case=ref.id)
     report_inference(results, str(output_dir))
     counts = {status: sum(r["status"] == status for r in results) for status in ("ok", "failed")}

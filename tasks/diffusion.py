@@ -44,10 +44,18 @@ def _training_key(inputs: dict[str, Any]) -> str:
 @lru_cache(maxsize=1)
 def _code_version() -> str:
     import ctdiff.diffusion
+    import ctdiff.latent_windows
+    import ctdiff.residual
     import ctdiff.samplers
+    import ctdiff.sliding
+    import ctdiff.slab
+    import ctdiff.thin_slice
     import ctdiff.train_diffusion
 
-    return code_version(ctdiff.diffusion, ctdiff.samplers, ctdiff.train_diffusion)
+    return code_version(
+        ctdiff.diffusion, ctdiff.latent_windows, ctdiff.residual, ctdiff.samplers, ctdiff.sliding, ctdiff.slab,
+        ctdiff.thin_slice, ctdiff.train_diffusion,
+    )
 
 
 def _finished(inputs: dict[str, Any], key: str) -> bool:

@@ -72,7 +72,7 @@ def evaluation_key(config: Config, checkpoints: list[dict], ids: list[str]) -> s
         [c["digest"] for c in checkpoints],
         {case_id: store.case_key(case_id) for case_id in ids},
         config.preprocess.window.as_pair(),
-        {"seed": config.evaluate.seed},
+        {"seed": config.evaluate.seed, "samples": config.evaluate.samples},
         _code_version(),
     )
 
@@ -82,9 +82,18 @@ def _code_version() -> str:
     import ctdiff.evaluate
     import ctdiff.interpolate
     import ctdiff.metrics
+    import ctdiff.report
+    import ctdiff.residual
+    import ctdiff.samplers
+    import ctdiff.slab
+    import ctdiff.sliding
     import ctdiff.thin_slice
+    import ctdiff.train_vae
 
-    return code_version(ctdiff.evaluate, ctdiff.interpolate, ctdiff.metrics, ctdiff.thin_slice)
+    return code_version(
+        ctdiff.evaluate, ctdiff.interpolate, ctdiff.metrics, ctdiff.report, ctdiff.residual, ctdiff.samplers,
+        ctdiff.slab, ctdiff.sliding, ctdiff.thin_slice, ctdiff.train_vae,
+    )
 
 
 def _report_written(inputs: dict[str, Any], key: str) -> bool:
@@ -101,7 +110,9 @@ def score_and_report(
 ) -> dict:
     """Score every method on `ids`, write the report under `reports_root/run`, append the history."""
     from ctdiff.devices import resolve_device
-    from ctdiff.evaluate import append_history, baseline_predictors, evaluate_cases, read_history
+    from ctdiff.evaluate import (
+        append_history, baseline_predictors, ceiling_predictor, evaluate_cases, model_predictors, read_history,
+    )
     from ctdiff.report import write_report
     from ctdiff.thin_slice import ThinSliceModel
 
@@ -109,11 +120,10 @@ def score_and_report(
     device = resolve_device(config.evaluate.device)
     models = [ThinSliceModel.load(c["path"], device) for c in checkpoints]
     predictors = dict(baseline_predictors(window))
-    first = models[0]
-    predictors["vae_ceiling"] = lambda thick, thin: first.reconstruct(thin.window(*window))
+    predictors["vae_ceiling"] = ceiling_predictor(models[0], window)
     for i, (model, ckpt) in enumerate(zip(models, checkpoints)):
         name = MODEL if i == 0 else f"{MODEL}@{Path(ckpt['path']).stem}-{ckpt['digest'][:6]}"
-        predictors[name] = _model_predictor(model, window, config.evaluate.seed)
+        predictors.update(model_predictors(model, name, window, config.evaluate.seed, config.evaluate.samples))
     start = time.perf_counter()
     with Progress(len(ids), "case", "evaluate") as progress:
         result = evaluate_cases(
@@ -124,7 +134,10 @@ def score_and_report(
         "run": run, "key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "checkpoint": checkpoints[0]["path"], "checkpoint_digest": checkpoints[0]["digest"],
         "n_cases": len(ids), "seconds": round(time.perf_counter() - start, 1),
-        "means": {name: {"psnr": m["psnr"], "ssim": m["ssim"]} for name, m in result.means().items()},
+        "means": {name: {k: m[k] for k in ("psnr", "ssim", "hist_w1_hu")} for name, m in result.means().items()},
+        "in_between_means": {
+            name: {k: m[k] for k in ("psnr", "ssim", "hist_w1_hu")} for name, m in result.means("in_between").items()
+        },
     }
     append_history(history_path, record)
     paths = write_report(
@@ -134,16 +147,19 @@ def score_and_report(
     return {"run": run, "report_dir": str(Path(reports_root) / run), **{k: str(v) for k, v in paths.items()}}
 
 
-def _model_predictor(model, window: tuple[float, float], seed: int):
-    def predict(thick, thin):
-        return model.predict(thick.window(*window), thick.z_mm, thin.z_mm, seed=seed)
-
-    return predict
-
-
 def _notes(model, config: Config) -> list[str]:
-    return [f"model: diffusion checkpoint `{model.path}` (digest {model.digest[:12]}), sampler "
-            f"{model.sampler_name}, {model.sample_steps} steps, seed {config.evaluate.seed}"]
+    k = config.evaluate.samples
+    slab = "with" if model.slab_consistency else "without"
+    return [
+        f"model: diffusion checkpoint `{model.path}` (digest {model.digest[:12]}), sampler "
+        f"{model.sampler_name}, {model.sample_steps} steps; the mean of {k} sample(s) (seeds "
+        f"{config.evaluate.seed}..{config.evaluate.seed + k - 1}), {slab} thick-slab consistency: what "
+        f"`ctdiff infer` writes with infer.samples={k}",
+        f"formulation: base `{model.base}`" + (
+            " (the model generates the residual over this interpolation of the thick slices)"
+            if model.base != "none" else " (the model generates the whole thin volume through its VAE)"
+        ),
+    ]
 
 
 @task(name="report-evaluation")

@@ -32,9 +32,15 @@ def _model(path: str, digest: str, device: str):
 def _code_version() -> str:
     import ctdiff.infer
     import ctdiff.infer_io
+    import ctdiff.residual
+    import ctdiff.samplers
+    import ctdiff.slab
+    import ctdiff.sliding
     import ctdiff.thin_slice
 
-    return code_version(ctdiff.infer, ctdiff.infer_io, ctdiff.thin_slice)
+    return code_version(
+        ctdiff.infer, ctdiff.infer_io, ctdiff.residual, ctdiff.samplers, ctdiff.slab, ctdiff.sliding, ctdiff.thin_slice
+    )
 
 
 def _case_key(inputs: dict[str, Any]) -> str:
@@ -42,7 +48,7 @@ def _case_key(inputs: dict[str, Any]) -> str:
     output = inputs["output"]
     return settings_digest(
         "infer", file_digest(inputs["ref"]["path"]), inputs["checkpoint"]["digest"], inputs["seed"],
-        inputs["sample_steps"], output.endswith((".nii", ".nii.gz")), _code_version(),
+        inputs["sample_steps"], inputs["samples"], output.endswith((".nii", ".nii.gz")), _code_version(),
     )
 
 
@@ -59,14 +65,17 @@ def _output_written(inputs: dict[str, Any], key: str) -> bool:
     retry_condition_fn=is_transient,
     persist_result=True,
 )
-def infer_case(ref: dict, output: str, checkpoint: dict, seed: int, sample_steps: int | None, device: str) -> dict:
+def infer_case(
+    ref: dict, output: str, checkpoint: dict, seed: int, sample_steps: int | None, device: str, samples: int = 1
+) -> dict:
     """The thin volume of one case (`ref`: id, path, category) at `output`; a case that cannot be
     read gets status "failed" and its reason, so the others go on."""
     from ctdiff.cases import CaseRef
     from ctdiff.infer import infer_entry
 
     model = _model(checkpoint["path"], checkpoint["digest"], device)
-    return infer_entry(CaseRef(**ref), output, model.predictor(seed, sample_steps), model.window, model.thin_mm)
+    predictor = model.predictor(seed, sample_steps, samples=samples)
+    return infer_entry(CaseRef(**ref), output, predictor, model.window, model.thin_mm)
 
 
 @task(name="report-inference")

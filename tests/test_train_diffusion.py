@@ -82,6 +82,7 @@ def data(tmp_path_factory):
 
 def _config(*overrides: str):
     return load_config(None, [
+        "diffusion.base=none", "diffusion.slab_consistency=false",  # the whole-image formulation
         "diffusion.preset=tiny", "diffusion.window_slices=8", "diffusion.overlap_slices=2",
         "diffusion.sample_steps=10", "train_diffusion.batch_size=4", "train_diffusion.lr=2e-3",
         "train_diffusion.ema_decay=0.9", "train_diffusion.val_cases=1", *overrides,
@@ -121,7 +122,7 @@ def test_overfit_model_beats_nearest_interpolation(data, overfit):
     thick, thin = store.read("a", "thick"), store.read("a", "thin")
     thick_windowed, truth = thick.window(*WINDOW), thin.window(*WINDOW)
     nearest = _psnr(interpolate_z(thick_windowed, thick.z_mm, thin.z_mm, "nearest"), truth)
-    ceiling = _psnr(model.reconstruct(truth), truth)
+    ceiling = _psnr(model.ceiling(truth, thick_windowed, thick.z_mm, thin.z_mm), truth)
     steps = []
     first = model.predict(thick_windowed, thick.z_mm, thin.z_mm, seed=0, progress=lambda i, n: steps.append((i, n)))
     assert first.shape == truth.shape and first.dtype == np.float32 and 0 <= first.min() and first.max() <= 1
@@ -165,8 +166,9 @@ def test_checkpoints_are_plain_and_record_what_inference_needs(data, overfit):
         assert payload["kind"] == "diffusion" and payload["preset"] == "tiny" and payload["sampler"] == "rflow"
         assert payload["config"] == config.model_dump(mode="json")
         assert payload["vae"]["digest"] == latents.vae_digest and payload["vae"]["path"] == str(vae_path.resolve())
-        assert payload["latent"] == {"channels": 4, "factors": [1, 8, 8], "scale_factor": latents.scale_factor,
-                                     "vae_preset": "slice-kl-tiny"}
+        assert payload["latent"] == {"channels": 4, "condition_channels": 4, "factors": [1, 8, 8],
+                                     "scale_factor": latents.scale_factor, "vae_preset": "slice-kl-tiny"}
+        assert payload["formulation"] == {"base": "none", "slab_consistency": False}
         assert set(payload["rng"]) == {"torch", "noise", "numpy", "cuda"}
         assert payload["model"].keys() == payload["train_model"].keys()
     history = last["history"]
@@ -245,12 +247,12 @@ def test_unusable_latent_stores_are_clear_errors(data, tmp_path):
         train_diffusion(store, empty, vae_path, tmp_path / "d", config)
     unscaled = LatentStore(tmp_path / "latents", latents.vae_digest)
     unscaled.create("slice-kl-tiny", (1, 8, 8), WINDOW)
-    unscaled.write_case("a", latents.read("a", "thick"), latents.read("a", "thin"), latents.case_attrs("a"))
+    unscaled.write_case("a", {"thick": latents.read("a", "thick"), "thin": latents.read("a", "thin")}, latents.case_attrs("a"))
     with pytest.raises(ValueError, match="scale factor"):
         train_diffusion(store, unscaled, vae_path, tmp_path / "d", config)
     other = LatentStore(tmp_path / "latents", "another-vae")
     other.create("slice-kl-tiny", (1, 8, 8), WINDOW)
-    other.write_case("a", latents.read("a", "thick"), latents.read("a", "thin"), latents.case_attrs("a"))
+    other.write_case("a", {"thick": latents.read("a", "thick"), "thin": latents.read("a", "thin")}, latents.case_attrs("a"))
     other.set_scale_factor(1.0)
     with pytest.raises(ValueError, match="latents of VAE"):
         train_diffusion(store, other, vae_path, tmp_path / "d", config)
@@ -315,3 +317,20 @@ def test_cli_infer_errors_are_one_line_with_an_exit_code(data, overfit, tmp_path
     assert "not thicker than 5 mm" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
     assert main(["infer", "--checkpoint", result["last"], "--input", str(case), "--output", str(tmp_path / "o.nrrd")]) == 2
+
+
+def test_checkpoint_from_before_the_residual_formulation_still_loads(data, overfit, tmp_path):
+    """Checkpoints written before `formulation` existed hold whole-image models: they load as
+    base none without slab consistency and sample exactly as before."""
+    store = data[0]
+    result = overfit[0]
+    payload = _load(result["last"])
+    assert payload["formulation"] == {"base": "none", "slab_consistency": False}
+    del payload["formulation"]
+    payload["latent"].pop("condition_channels")
+    old = save_checkpoint(tmp_path / "old.pt", payload)
+    model, current = ThinSliceModel.load(old), ThinSliceModel.load(result["last"])
+    assert (model.base, model.slab_consistency) == ("none", False)
+    thick, thin = store.read("a", "thick"), store.read("a", "thin")
+    args = (thick.window(*WINDOW), thick.z_mm, thin.z_mm)
+    np.testing.assert_array_equal(model.predict(*args, sample_steps=2), current.predict(*args, sample_steps=2))
