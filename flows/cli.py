@@ -141,8 +141,9 @@ def run_infer(config: Config, args: argparse.Namespace) -> int:
         bar.close()
     for r in results:
         if r["status"] == "ok":
+            std = f" (sample std in HU: {r['std_output']})" if r.get("std_output") else ""
             print(f"{r['id']}: {r['n_thick']} x {r['thick_mm']:g} mm -> {r['n_thin']} x {r['thin_mm']:g} mm "
-                  f"in {r['seconds']:.1f} s: {r['output']}")
+                  f"in {r['seconds']:.1f} s: {r['output']}{std}")
         else:
             print(f"ctdiff: infer: {r['input']}: {r['reason']}", file=sys.stderr)
     return 0 if all(r["status"] == "ok" for r in results) else 1

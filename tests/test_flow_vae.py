@@ -7,8 +7,10 @@ import torch
 from ctdiff.autoencoder import CtAutoencoder
 from ctdiff.cases import discover_cases
 from ctdiff.checkpoint import checkpoint_digest, load_checkpoint, load_vae
+from ctdiff.interpolate import interpolate_z
 from ctdiff.latents import LatentStore, encode_volume
 from ctdiff.preprocess import decode_case, resize_case
+from ctdiff.residual import RESIDUAL_GAIN
 from ctdiff.store import CaseStore
 from ctdiff.synth import SynthSpec, synthesize
 from flows.cli import main
@@ -56,14 +58,20 @@ def test_train_then_encode(store_path, tmp_path, prefect_harness):
     assert sorted(latents.ids()) == sorted(CaseStore(store_path).ids())
     assert latents.scale_factor == pytest.approx(encoded["scale_factor"]) and latents.scale_factor > 0
 
-    # The cache holds the posterior mean of the windowed volume, as an independent call gives it.
-    model, _ = load_vae(tmp_path / "work" / "checkpoints" / "vae" / "best.pt")
+    # The cache holds the posterior mean of the windowed thin volume's gained residual over cubic
+    # (the default formulation), as an independent call gives it, and the base as the condition.
+    model, payload = load_vae(tmp_path / "work" / "checkpoints" / "vae" / "best.pt")
+    assert payload["target"]["base"] == "cubic" and latents.base == "cubic"
     case_id = CaseStore(store_path).ids()[0]
-    thin = CaseStore(store_path).read(case_id, "thin").window(40, 400)
+    thin_volume, thick = CaseStore(store_path).read(case_id, "thin"), CaseStore(store_path).read(case_id, "thick")
+    thin = thin_volume.window(40, 400)
+    base = np.clip(interpolate_z(thick.window(40, 400), thick.z_mm, thin_volume.z_mm, "cubic"), 0, 1)
+    residual = RESIDUAL_GAIN * (thin - base)
     with torch.no_grad():
-        mean, _ = model.encode(torch.from_numpy(thin)[None, None])
-    np.testing.assert_allclose(latents.read(case_id, "thin"), mean[0].numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(encode_volume(model, thin, 8, "cpu"), mean[0].numpy(), rtol=1e-5, atol=1e-5)
+        mean, _ = model.encode(torch.from_numpy(residual.astype(np.float32))[None, None])
+    np.testing.assert_allclose(latents.read(case_id, "thin"), mean[0].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(encode_volume(model, residual, 8, "cpu"), mean[0].numpy(), rtol=1e-4, atol=1e-4)
+    assert latents.read(case_id, "condition").shape[0] == 64  # 8 x 8 base pixels per latent voxel
 
     # A re-run encodes nothing: every case is served from the cache and no file is rewritten.
     before = {p: p.stat().st_mtime_ns for p in (latents.path / "cases").rglob("zarr.json")}

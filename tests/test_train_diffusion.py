@@ -280,10 +280,15 @@ def test_cli_infer_turns_a_thick_zip_into_thin_nifti_and_dicom(data, overfit, tm
     case = write_case(tmp_path / "in", spec, 0)
     out = tmp_path / "thin.nii.gz"
     assert main(["infer", "--checkpoint", result["last"], "--input", str(case), "--output", str(out)]) == 0
-    assert str(out) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # infer.samples defaults to 4: the mean is written, and the samples' std in HU beside it
+    assert str(out) in printed and f"sample std in HU: {tmp_path / 'thin_std.nii.gz'}" in printed
 
     thick, thin = store.read("a", "thick"), store.read("a", "thin")
     image = nib.load(out)
+    std_image = nib.load(tmp_path / "thin_std.nii.gz")
+    assert std_image.shape == image.shape and np.allclose(std_image.affine, image.affine)
+    assert np.asarray(std_image.dataobj).min() >= 0 and np.asarray(std_image.dataobj).max() > 0
     assert image.shape == (32, 32, n_thin) and image.header.get_zooms()[2] == pytest.approx(THIN_MM)
     hu = np.asarray(image.dataobj)
     assert hu.min() <= -1000 and hu.max() > 200  # full HU range, not the window
