@@ -209,7 +209,7 @@ def infer_batch(
     outputs = [output_path(output_dir, ref.id, fmt) for ref in refs]
     for out in outputs:
         check_output(out)  # refuse a non-empty foreign folder before hours of sampling
-    _check_std_clashes(refs, outputs)
+    check_std_clashes(refs, outputs)
     results = []
     for k, (ref, out) in enumerate(zip(refs, outputs)):
         results.append(infer_entry(ref, out, predictor, window, thin_mm))
@@ -218,7 +218,7 @@ def infer_batch(
     return results
 
 
-def _check_std_clashes(refs: list[CaseRef], outputs: list[Path]) -> None:
+def check_std_clashes(refs: list[CaseRef], outputs: list[Path]) -> None:
     """Refuse case ids such as "a" and "a_std": the second's output is the first's std map."""
     case_of = {out: ref.id for ref, out in zip(refs, outputs)}
     for ref, out in zip(refs, outputs):

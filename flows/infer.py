@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from ctdiff.config import load_config
-from ctdiff.infer import discover_inputs, output_path
+from ctdiff.infer import check_std_clashes, discover_inputs, output_path
 from tasks.evaluate import digest_checkpoint
 from tasks.infer import checkpoint_path, infer_case, report_inference
 from tasks.progress import Progress
@@ -32,10 +32,11 @@ def infer(config: str | None = None, overrides: list[str] | None = None) -> dict
         raise ValueError(f"infer.input: no cases (ZIP, DICOM folder, .nii or .nii.gz) in {ic.input}")
     output_dir = Path(ic.output)
     device = device_name(ic.device)
+    outputs = [output_path(output_dir, ref.id, ic.format) for ref in refs]
+    check_std_clashes(refs, outputs)
     results = []
     with Progress(len(refs), "case", "infer") as progress:
-        for ref in refs:
-            out = output_path(output_dir, ref.id, ic.format)
+        for ref, out in zip(refs, outputs):
             results.append(infer_case(ref.to_dict(), str(out), checkpoint, ic.seed, ic.sample_steps, device, ic.samples))
             progress.advance(case=ref.id)
     report_inference(results, str(output_dir))

@@ -30,6 +30,7 @@ def _model(path: str, digest: str, device: str):
 
 @lru_cache(maxsize=1)
 def _code_version() -> str:
+    import ctdiff.dicom_write
     import ctdiff.infer
     import ctdiff.infer_io
     import ctdiff.residual
@@ -39,7 +40,7 @@ def _code_version() -> str:
     import ctdiff.thin_slice
 
     return code_version(
-        ctdiff.infer, ctdiff.infer_io, ctdiff.residual, ctdiff.samplers, ctdiff.slab, ctdiff.sliding, ctdiff.thin_slice
+        ctdiff.dicom_write, ctdiff.infer, ctdiff.infer_io, ctdiff.residual, ctdiff.samplers, ctdiff.slab, ctdiff.sliding, ctdiff.thin_slice
     )
 
 
@@ -53,7 +54,11 @@ def _case_key(inputs: dict[str, Any]) -> str:
 
 
 def _output_written(inputs: dict[str, Any], key: str) -> bool:
-    return Path(inputs["output"]).exists()
+    """The output, and with K > 1 samples its std map too (ctdiff.infer_io.std_output_path)."""
+    from ctdiff.infer_io import std_output_path
+
+    output = Path(inputs["output"])
+    return output.exists() and (inputs["samples"] <= 1 or std_output_path(output).exists())
 
 
 @task(
