@@ -10,10 +10,10 @@ The diffusion model is conditioned on the base itself, folded onto the latent gr
 concatenation as before). Why residuals, and why a residual VAE: a VAE that regenerates the
 whole image puts its full reconstruction error on every thin slice, far above cubic
 interpolation's error; on residuals its error scales with the residual, which is small where
-interpolation is already right. Measured (benchmarks/RESULTS.md, "Residual formulation"): with
-the same 4x-in-plane tiny VAE and training, base + D(E(residual)) beats the alternative
-base + D(E(thin)) - D(E(base)) (latent difference, image VAE) by ~0.8 dB, and both beat the
-whole-image VAE by ~9 dB. `none` keeps the original formulation (the whole thin volume through
+interpolation is already right. Measured (benchmarks/RESULTS.md, "Formulation"): with the same
+tiny VAEs and training, base + D(E(residual)) has a higher PSNR ceiling than the alternative
+base + D(E(thin)) - D(E(base)) (latent difference, image VAE) at 8x, 4x and 2x in-plane
+compression (+0.2 to +1.7 dB), and both beat the whole-image VAE by ~9 dB. `none` keeps the original formulation (the whole thin volume through
 the VAE, conditioned on thick latents) for comparison and for older checkpoints.
 
 RESIDUAL_GAIN: windowed residuals mostly lie within +-0.1; scaled by 8 they span about the
