@@ -248,8 +248,7 @@ def model_predictors(model, name: str, window: tuple[float, float], seed: int, s
         def predict(thick: Volume, thin: Volume):
             drawn = draws(thick, thin)
             chosen = drawn[:1] if first_only else drawn
-            mean, std = model.finish(chosen, thick.window(*window), thick.z_mm, thin.z_mm, slab_consistency)
-            return mean, std
+            return model.finish(chosen, thick.window(*window), thick.z_mm, thin.z_mm, slab_consistency)
 
         return predict
 

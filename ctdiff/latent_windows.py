@@ -5,8 +5,8 @@ padded, when it is shorter), optionally cropped in-plane to `latent_patch`, with
 computed from the thick latents at the window's thin latent positions (ctdiff.diffusion); both
 are multiplied by the store's latent scale factor. In a residual store (ctdiff.residual) the
 window is of residual latents (times the scale factor) and the condition is the stored base
-condition over the same latent slices, as it is (already in [-1, 1]). Padding (depth beyond the volume, in-plane up
-to the network's size multiple or the patch) is zero, and the mask is 0 there so the loss never
+condition over the same latent slices, as it is (already in [-1, 1]). Padding (depth beyond
+the volume, in-plane up to the network's size multiple or the patch) is zero, and the mask is 0 there so the loss never
 counts it. Every random choice comes from one numpy Generator, whose state training checkpoints
 save.
 
