@@ -7,22 +7,26 @@ sampler is deterministic given that generator's state, which training checkpoint
 With a residual `base` (ctdiff.residual) a patch is the gained residual of a thin slab over the
 base interpolated from the whole thick series (cropped in-plane to the patch first, so a cubic
 spline costs one patch column): what the residual VAE has to encode. Thick patches are then
-never drawn: the residual VAE never sees thick slices.
+never drawn: the residual VAE never sees thick slices. The thick volumes this needs are kept in
+a small LRU cache (`thick_cache_bytes`), so a case's thick series is read once, not per patch.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 
 from ctdiff.residual import Base, base_volume, is_residual, residual_target
 from ctdiff.store import CaseStore, Kind
+from ctdiff.volume import Volume
 from ctdiff.windowing import apply_window
 
 # The VAE must reconstruct thin slices, but thick ones are its conditioning input later, so
 # the encoder sees both kinds.
 THICK_PROBABILITY = 0.5
+THICK_CACHE_BYTES = 1 << 30
 
 
 class PatchSampler:
@@ -41,6 +45,7 @@ class PatchSampler:
         rng: np.random.Generator,
         thick_probability: float = THICK_PROBABILITY,
         base: Base = "none",
+        thick_cache_bytes: int = THICK_CACHE_BYTES,
     ):
         if not case_ids:
             raise ValueError(f"no cases to sample patches from in {store.path}; preprocess some first")
@@ -52,6 +57,8 @@ class PatchSampler:
         self.rng = rng
         self.base = base
         self.thick_probability = 0.0 if is_residual(base) else thick_probability
+        self.thick_cache_bytes = thick_cache_bytes
+        self._thick: OrderedDict[str, Volume] = OrderedDict()
         # Depths per case and kind, from the manifest entries (a few numbers, not volumes).
         self._depth: dict[tuple[str, Kind], int] = {}
         for case_id in self.case_ids:
@@ -81,13 +88,23 @@ class PatchSampler:
         plane = (slice(None), slice(y0, y0 + self.patch_size), slice(x0, x0 + self.patch_size))
         values = apply_window(slab.hu[plane], self.center_hu, self.width_hu)  # (d, h, w)
         if is_residual(self.base):
-            thick = self.store.read(case_id, "thick")
+            thick = self._thick_volume(case_id)
             base = base_volume(apply_window(thick.hu[plane], self.center_hu, self.width_hu), thick.z_mm, slab.z_mm, self.base)
             values = residual_target(values, base)  # (d, h, w)
         patch = np.zeros((self.patch_slices, self.patch_size, self.patch_size), np.float32)
         d, h, w = values.shape
         patch[:d, :h, :w] = values
         return patch  # (patch_slices, patch_size, patch_size)
+
+    def _thick_volume(self, case_id: str) -> Volume:
+        """A case's whole thick volume, from the LRU cache or the store."""
+        if case_id in self._thick:
+            self._thick.move_to_end(case_id)
+            return self._thick[case_id]
+        volume = self._thick[case_id] = self.store.read(case_id, "thick")
+        while len(self._thick) > 1 and sum(v.hu.nbytes for v in self._thick.values()) > self.thick_cache_bytes:
+            self._thick.popitem(last=False)
+        return volume
 
     # -- resumable state ---------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from ctdiff.checkpoint import load_vae
 from ctdiff.config import load_config
 from ctdiff.patches import PatchSampler
 from ctdiff.pretrained import WeightsMismatch
+from ctdiff.store import CaseStore
 from ctdiff.train_vae import train_vae, validate
 
 WINDOW = (40.0, 400.0)
@@ -51,6 +52,25 @@ def test_patches_are_deterministic_windowed_and_both_kinds(store):
     deep = PatchSampler(store, ids, WINDOW, 12, 32, np.random.default_rng(0)).sample(32)
     padded = np.all(deep[:, 0, 4:] == 0, axis=(1, 2, 3))
     assert 5 < padded.sum() < 27  # about half thick, half thin
+
+
+def test_residual_patches_read_each_thick_series_once(store, monkeypatch):
+    ids = store.ids(split="train")
+    uncached = PatchSampler(store, ids, WINDOW, 4, 16, np.random.default_rng(5), base="cubic", thick_cache_bytes=0)
+    expected = uncached.sample(12)
+    reads = []
+    original = CaseStore.read
+
+    def counting(self, case_id, kind, *args, **kwargs):
+        reads.append((case_id, kind, kwargs.get("z_slice")))
+        return original(self, case_id, kind, *args, **kwargs)
+
+    monkeypatch.setattr(CaseStore, "read", counting)
+    cached = PatchSampler(store, ids, WINDOW, 4, 16, np.random.default_rng(5), base="cubic")
+    np.testing.assert_array_equal(cached.sample(12), expected)  # the cache changes no value
+    whole_thick = [r for r in reads if r[1] == "thick" and r[2] is None]
+    assert len(whole_thick) == len({r[0] for r in whole_thick}) <= len(ids)
+    assert sum(r[1] == "thin" for r in reads) == 12  # one thin slab per patch, no thick patches
 
 
 def test_patch_is_the_windowed_volume_when_it_covers_it(store):
