@@ -75,39 +75,49 @@ def check_unique_ids(refs: list[CaseRef]) -> list[CaseRef]:
     return refs
 
 
-def _rank(seed: int, case_id: str) -> str:
-    return hashlib.blake2b(f"{seed}:{case_id}".encode(), digest_size=8).hexdigest()
+SPLITS = ("train", "val", "test")
+
+
+def split_position(seed: int, case_id: str) -> float:
+    """A case's place in [0, 1): a hash of (seed, id), uniform over cases and fixed for life."""
+    digest = hashlib.blake2b(f"{seed}:{case_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def split_of(case_id: str, ratios: dict[str, float], seed: int = 0) -> str:
+    """The split of one case from its id, the seed and the ratios alone: train below the train
+    ratio, val below train + val, test above. Adding or removing other cases never moves it."""
+    position, edge = split_position(seed, case_id), 0.0
+    for name in SPLITS[:-1]:
+        edge += ratios[name]
+        if position < edge:
+            return name
+    return SPLITS[-1]
 
 
 def assign_splits(
-    categories: dict[str, str], ratios: dict[str, float], seed: int = 0
+    categories: dict[str, str], ratios: dict[str, float], seed: int = 0, previous: dict[str, str] | None = None
 ) -> dict[str, str]:
-    """Deterministic split per case id, stratified by category.
+    """The split of every case: `previous` splits kept, every other case by `split_of`.
 
-    Within each category cases are ordered by a hash of (seed, id), so the assignment does not
-    depend on the order in which cases were found; each category is cut by the ratios with
-    largest-remainder rounding. val and test each get at least one case when there are three or
-    more cases in all, so a small dataset still evaluates.
+    Stable: a case's split never changes once assigned, so a checkpoint's test cases stay test
+    cases however the store grows. Stratification by category is what a per-case hash gives:
+    each category is split by the ratios in expectation (not exactly), since exact counts per
+    category would move cases whenever one is added. One exception keeps small stores
+    evaluable: with three or more cases, a split with a positive ratio that no case falls into
+    takes the train case nearest to its interval (`previous` keeps that choice afterwards).
+    Pass `previous` only when it was assigned with the same seed and ratios.
     """
-    names = ("train", "val", "test")
-    by_category: dict[str, list[str]] = {}
-    for case_id, category in categories.items():
-        by_category.setdefault(category, []).append(case_id)
-    splits: dict[str, str] = {}
-    for category in sorted(by_category):
-        ids = sorted(by_category[category], key=lambda i: _rank(seed, i))
-        exact = [ratios[name] * len(ids) for name in names]
-        counts = [int(x) for x in exact]
-        for i in sorted(range(3), key=lambda i: exact[i] - counts[i], reverse=True)[: len(ids) - sum(counts)]:
-            counts[i] += 1
-        start = 0
-        for name, count in zip(names, counts):
-            for case_id in ids[start : start + count]:
-                splits[case_id] = name
-            start += count
+    previous = previous or {}
+    splits = {case_id: previous.get(case_id) or split_of(case_id, ratios, seed) for case_id in categories}
     if len(splits) >= 3:
-        for needed in ("val", "test"):
+        for index, needed in enumerate(SPLITS[1:], start=1):
             if ratios[needed] > 0 and needed not in splits.values():
-                train_ids = sorted((i for i, s in splits.items() if s == "train"), key=lambda i: _rank(seed, i))
-                splits[train_ids[-1]] = needed
+                low = sum(ratios[name] for name in SPLITS[:index])  # the interval [low, low + ratio)
+                train = [i for i, s in splits.items() if s == "train" and i not in previous] or [
+                    i for i, s in splits.items() if s == "train"
+                ]
+                if train:
+                    nearest = min(train, key=lambda i: (abs(split_position(seed, i) - low), i))
+                    splits[nearest] = needed
     return splits

@@ -21,9 +21,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from ctdiff.atomic import replace_dir
 from ctdiff.dicom import AIR_HU
 from ctdiff.nifti import directions
-from ctdiff.store import replace_dir
 from ctdiff.volume import Volume
 
 # Values that stay true for the derived series. Patient, Patient Study and General Study

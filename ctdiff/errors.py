@@ -15,3 +15,8 @@ class CaseError(ValueError):
 
 class ConfigError(ValueError):
     """A config key has a wrong value or type, or names a path that does not exist."""
+
+
+class UsageError(ValueError):
+    """A setting or an input the user must change before the work can be done (the CLI exits 2):
+    e.g. scoring a checkpoint on cases it trained on, or an empty validation split."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +12,7 @@ import numpy as np  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
+from ctdiff.atomic import atomic_path  # noqa: E402
 from ctdiff.fingerprint import settings_digest  # noqa: E402
 from ctdiff.store import CaseStore  # noqa: E402
 
@@ -55,9 +55,9 @@ def case_preview(store: CaseStore, case_id: str, center_hu: float, width_hu: flo
         ax.set_title(title)
         ax.axis("off")
     fig.suptitle(f"{case_id}: window {center_hu:g}/{width_hu:g} HU, thick {dz_thick:g} mm, thin {dz_thin:g} mm")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80, metadata={_KEY_FIELD: key})
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=80, metadata={_KEY_FIELD: key})
+    finally:
+        plt.close(fig)
     return out

@@ -32,6 +32,7 @@ from ctdiff.infer_io import (
 )
 from ctdiff.interpolate import interpolate_z, thin_positions
 from ctdiff.nifti import directions, is_nifti_path
+from ctdiff.preprocess import resize_inplane
 from ctdiff.volume import Volume
 from ctdiff.windowing import invert_window
 
@@ -119,10 +120,14 @@ def infer_case(
     window: tuple[float, float],
     thin_mm: float,
     progress: Progress | None = None,
+    resolution: int | None = None,
 ) -> dict:
     """Thin volume from the thick one at `input_path`, written to `output_path`.
 
-    `window` is (center_hu, width_hu). The output has `thin_mm` spacing over the thick slabs'
+    `window` is (center_hu, width_hu); `resolution` the in-plane size the model was trained at
+    (its `preprocess.resolution`): the input is resized to it as preprocessing resized the
+    training cases (`ctdiff.preprocess.resize_inplane`, same field of view), so the output has
+    that many pixels; None keeps the input's grid. The output has `thin_mm` spacing over the thick slabs'
     extent (`thin_positions`), the input's orientation, and its origin at the first thin slice.
     When the predictor returns a std (`Prediction`), its map in HU (`uncertainty_hu`, int16
     rounded) is written with the output's exact geometry at `std_output_path(output_path)`:
@@ -141,7 +146,7 @@ def infer_case(
 
     report({"stage": "read"})
     thick = read_thick(input_path)
-    volume = thick.volume
+    volume = resize_inplane(thick.volume, resolution)
     thick_mm = volume.spacing_mm[0]
     if thin_mm >= thick_mm:
         raise CaseError(f"input slices ({thick_mm:.2f} mm) are not thicker than {thin_mm:g} mm")
@@ -180,6 +185,7 @@ def infer_case(
         "source": thick.source,
         "n_thick": volume.shape[0],
         "n_thin": thin.shape[0],
+        "resized_from": None if volume is thick.volume else list(thick.volume.shape[1:]),
         "thick_mm": round(float(thick_mm), 4),
         "thin_mm": float(thin_mm),
         "seconds": round(time.perf_counter() - started, 3),
@@ -194,6 +200,7 @@ def infer_batch(
     thin_mm: float,
     fmt: OutputFormat = "nifti",
     progress: Progress | None = None,
+    resolution: int | None = None,
 ) -> list[dict]:
     """`infer_case` on every case under `input_dir`: output_dir/<id>.nii.gz or output_dir/<id>/.
 
@@ -212,7 +219,7 @@ def infer_batch(
     check_std_clashes(refs, outputs)
     results = []
     for k, (ref, out) in enumerate(zip(refs, outputs)):
-        results.append(infer_entry(ref, out, predictor, window, thin_mm))
+        results.append(infer_entry(ref, out, predictor, window, thin_mm, resolution))
         if progress is not None:
             progress({"done": k + 1, "total": len(refs), "id": ref.id, "status": results[-1]["status"]})
     return results
@@ -234,14 +241,15 @@ def output_path(output_dir: str | Path, case_id: str, fmt: OutputFormat) -> Path
 
 
 def infer_entry(
-    ref: CaseRef, output_path: str | Path, predictor: Predictor, window: tuple[float, float], thin_mm: float
+    ref: CaseRef, output_path: str | Path, predictor: Predictor, window: tuple[float, float], thin_mm: float,
+    resolution: int | None = None,
 ) -> dict:
     """`infer_case` as one entry of a batch: id, category, input, output, std_output, status
     ("ok" | "failed"), reason, and the summary; a case that fails on its data is "failed", not
     raised."""
     entry = {"id": ref.id, "category": ref.category, "input": ref.path}
     try:
-        summary = infer_case(ref.path, output_path, predictor, window, thin_mm)
+        summary = infer_case(ref.path, output_path, predictor, window, thin_mm, resolution=resolution)
     except CaseError as exc:
         return {**entry, "output": None, "std_output": None, "status": "failed", "reason": exc.reason}
     return {**entry, **summary, "status": "ok", "reason": None}

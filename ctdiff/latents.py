@@ -15,6 +15,11 @@ folded onto the thin latent grid (`base_condition`), so training reads its condi
 reads latents. The scale factor is then that of the residual latents.
     <work>/latents/<vae_digest>/.staging/      cases being written; renamed into place when done
 
+Precision: the VAE always encodes and decodes in float32 (`_fp32` switches off any autocast
+of the caller), so the latents the diffusion model trained on (the cache) and those it is given
+at validation, evaluation and inference come from one computation, on any device. Only the
+diffusion UNet runs under `train_diffusion.precision` (bf16 autocast on CUDA by default).
+
 Latents are the posterior mean, never a sample (MONAI's `encode_stage_2_inputs` samples), so the
 cache is deterministic and the diffusion model sees the same latents every epoch. Volumes are
 padded at the far end of each axis (edge values) to multiples of the VAE's factors; the padding is
@@ -41,7 +46,7 @@ import uuid
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Protocol
 
 import numpy as np
 import torch
@@ -52,7 +57,8 @@ from ctdiff import autoencoder, interpolate, residual, windowing
 from ctdiff.autoencoder import CtAutoencoder
 from ctdiff.fingerprint import code_version, settings_digest
 from ctdiff.residual import Base, base_condition, base_volume, is_residual, residual_target
-from ctdiff.store import KINDS, CaseStore, Kind, replace_dir
+from ctdiff.atomic import replace_dir
+from ctdiff.volume import KINDS, Kind, Volume
 
 LATENT_FORMAT = 1
 # maisi presets: image slices of context on each side of a depth chunk. 16 rather than 8: on a
@@ -114,7 +120,7 @@ def encode_volume(
     n_latent = padded.shape[0] // fz
     chunk_latent = max(chunk_slices // fz, 1)
     out: np.ndarray | None = None
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_mode(model), torch.inference_mode(), _fp32(device):
         for keep_start, keep_stop, read_start, read_stop in _depth_chunks(n_latent, chunk_latent, halo):
             slab = torch.from_numpy(padded[read_start * fz : read_stop * fz]).to(device)  # (D', H, W)
             mu, _ = model.encode(slab[None, None])  # (1, C, d', h, w)
@@ -150,13 +156,19 @@ def decode_latents(
     chunk_latent = max(chunk_slices // fz, 1)
     depth, height, width = out_shape
     out = np.empty((z.shape[1] * fz, height, width), dtype=np.float32)
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_mode(model), torch.inference_mode(), _fp32(device):
         for keep_start, keep_stop, read_start, read_stop in _depth_chunks(z.shape[1], chunk_latent, halo):
             slab = torch.from_numpy(np.ascontiguousarray(z[:, read_start:read_stop])).to(device)  # (C, d', h, w)
             image = model.decode(slab[None])[0, 0]  # (D', H', W')
             keep = slice((keep_start - read_start) * fz, (keep_stop - read_start) * fz)
             out[keep_start * fz : keep_stop * fz] = image[keep, :height, :width].float().cpu().numpy()
     return out[:depth]
+
+
+def _fp32(device: str | torch.device) -> torch.autocast:
+    """The precision rule of the VAE: encode and decode in float32 whatever autocast a caller has
+    on, so the latent cache, validation, evaluation and inference see the same latents."""
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 @contextmanager
@@ -286,6 +298,12 @@ class LatentStore:
 # -- case steps --------------------------------------------------------------------------------
 
 
+class CaseSource(Protocol):
+    """Where cases are read from (`ctdiff.store.CaseStore`): this module does not import it."""
+
+    def read(self, case_id: str, kind: Kind) -> Volume: ...
+
+
 def latent_key(
     case_store_key: str, vae_digest: str, window: tuple[float, float], chunk_slices: int, base: Base = "none"
 ) -> str:
@@ -301,7 +319,7 @@ def _code_version() -> str:
 
 
 def encode_case(
-    case_store: CaseStore,
+    case_store: CaseSource,
     case_id: str,
     model: CtAutoencoder,
     latent_store: LatentStore,

@@ -11,7 +11,6 @@ a plain axial DICOM series (rows to the patient's left, columns to the back, sli
 from __future__ import annotations
 
 import gzip
-import os
 import zlib
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
+from ctdiff.atomic import atomic_path
 from ctdiff.dicom import AIR_HU, MAX_TILT_DEG
 from ctdiff.errors import CaseError
 from ctdiff.volume import Volume
@@ -75,15 +75,8 @@ def write_nifti(volume: Volume, path: str | Path) -> Path:
     image.set_sform(affine, code="scanner")
     image.header.set_xyzt_units("mm", "sec")
     # int16 in, int16 out: nibabel writes no scaling (scl_slope NaN, which readers take as 1).
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # nibabel picks gzip from the name, so the temporary file keeps the suffix.
-    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
-    try:
+    with atomic_path(path) as tmp:  # keeps the suffix: nibabel picks gzip from the name
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when writing failed
     return path
 
 

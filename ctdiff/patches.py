@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ctdiff.residual import Base, base_volume, is_residual, residual_target
-from ctdiff.store import CaseStore, Kind
-from ctdiff.volume import Volume
+from ctdiff.store import CaseStore
+from ctdiff.volume import Kind, Volume
 from ctdiff.windowing import apply_window
 
 # The VAE must reconstruct thin slices, but thick ones are its conditioning input later, so

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and pods
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from ctdiff.atomic import atomic_path  # noqa: E402
 
 _LOSS_KEYS = ("loss", "l1", "kl", "adv", "disc", "mse")  # plotted when a row holds them; others are ignored
 _METRIC_KEYS = (("val_psnr", "val PSNR (dB)"), ("val_ssim", "val SSIM"))
@@ -62,12 +62,9 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str = "")
     ax_val.set_title("validation")
     if title:
         fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=80)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

@@ -7,8 +7,6 @@ Tables and findings are built from the `metrics.json` dict (or straight from an
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ matplotlib.use("Agg")  # files only; no display on servers and pods
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ctdiff.atomic import atomic_path, write_text  # noqa: E402
 from ctdiff.evaluate import MODEL_PREFIX, CaseViews, EvaluationResult, metrics_json  # noqa: E402
 from ctdiff.interpolate import METHODS  # noqa: E402
 
@@ -204,14 +203,11 @@ def _case_wins(methods: dict, model: str, baselines: list[str]) -> list[str]:
 
 
 def _savefig(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=_DPI)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=_DPI)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -323,13 +319,6 @@ def trend_figure(history: list[dict[str, Any]], path: Path) -> Path:
 # -- the report ------------------------------------------------------------------------------------
 
 
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def _case_table(metrics: dict[str, Any], result: EvaluationResult) -> str:
     methods = [m for m in metrics["methods"] if not _is_variant(m)]  # the variants stay in metrics.json
     header = ["case", "thin slices", "in-between", *(f"{m} PSNR / SSIM" for m in methods)]
@@ -356,7 +345,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = metrics_json(result, window)
-    paths = {"metrics_json": _write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")}
+    paths = {"metrics_json": write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")}
     figures = []
     if result.best is not None:
         cases = [("best", result.best)]
@@ -398,5 +387,5 @@ def write_report(
         "## Trend\n\n" + ("![trend](trend.png)" if "trend" in paths else
                           f"{len(history)} evaluation(s) in the history; the trend plot needs 2.")
     )
-    paths["report_md"] = _write_text(out_dir / "report.md", "\n\n".join(sections) + "\n")
+    paths["report_md"] = write_text(out_dir / "report.md", "\n\n".join(sections) + "\n")
     return paths

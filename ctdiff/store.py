@@ -16,20 +16,18 @@ Nothing patient-identifying is written: ids come from file names, geometry is nu
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from ctdiff.volume import Volume
+from ctdiff.atomic import replace_dir
+from ctdiff.volume import Kind, Volume
 
-Kind = Literal["thick", "thin"]
-KINDS: tuple[Kind, Kind] = ("thick", "thin")
 STORE_FORMAT = 1
 
 
@@ -116,8 +114,18 @@ class CaseStore:
         assert entry["id"] == case_id and entry["status"] in ("ok", "quarantined")
         self._write_group("cases", case_id, volumes, {"key": key, "entry": entry}, chunk_slices, level)
 
-    def set_splits(self, splits: dict[str, str]) -> None:
-        self._root(mode="a").attrs.update({"splits": splits})
+    def set_splits(self, splits: dict[str, str], settings: dict[str, Any] | None = None) -> None:
+        """Record every case's split and the settings (seed, ratios) they were assigned with."""
+        self._root(mode="a").attrs.update({"splits": splits, "split_settings": settings})
+
+    def splits(self, settings: dict[str, Any] | None = None) -> dict[str, str]:
+        """The recorded splits; with `settings`, only if they were assigned with those (else {})."""
+        if not self.exists():
+            return {}
+        attrs = self._root().attrs
+        if settings is not None and attrs.get("split_settings") != settings:
+            return {}
+        return dict(attrs.get("splits", {}))
 
     # -- internals -------------------------------------------------------------------------
 
@@ -178,21 +186,9 @@ def _read_volume(array: zarr.Array, z_slice: slice = slice(None)) -> Volume:
     )
 
 
-def replace_dir(source: Path, target: Path) -> None:
-    """Move a finished directory into place; an older version is removed only after the move."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if target.exists():
-        old = source.parent / f"old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-    os.rename(source, target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def __getattr__(name: str):
-    # SPEC §3 names `ctdiff.store.LatentStore`; it lives in ctdiff.latents, which imports this
-    # module, so it is resolved lazily here instead of imported at the top.
+    # SPEC §3 names `ctdiff.store.LatentStore`; it lives in ctdiff.latents, resolved lazily so
+    # that reading cases (ingest workers) never imports torch.
     if name == "LatentStore":
         from ctdiff.latents import LatentStore
 

@@ -21,7 +21,6 @@ hex member names in shuffled order, and fake patient data (PHI_MARKERS) for leak
 from __future__ import annotations
 
 import io
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from ctdiff.atomic import atomic_path
 from ctdiff.phantom import chest_phantom
 
 TRANSFER_SYNTAXES = {  # compression name -> transfer syntax; all are lossless
@@ -376,17 +376,11 @@ def write_case(out_dir: Path, spec: SynthSpec, case_index: int) -> Path:
     order = file_rng.permutation(len(jobs))
 
     path = Path(out_dir) / case_category(spec, case_index) / f"case_{case_index:03d}.zip"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-            for j in order:
-                make, index = jobs[j]
-                info = zipfile.ZipInfo(names[j], date_time=_ZIP_TIME)
-                zf.writestr(info, make(index), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when writing failed
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for j in order:
+            make, index = jobs[j]
+            info = zipfile.ZipInfo(names[j], date_time=_ZIP_TIME)
+            zf.writestr(info, make(index), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
     return path
 
 

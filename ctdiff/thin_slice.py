@@ -34,7 +34,7 @@ from ctdiff.checkpoint import checkpoint_digest, load_checkpoint, load_vae
 from ctdiff.config import Config
 from ctdiff.diffusion import build_unet, condition, get_preset, latent_z
 from ctdiff.latents import decode_latents, encode_volume
-from ctdiff.residual import base_condition, base_volume, compose, condition_channels, is_residual, vae_base
+from ctdiff.residual import base_condition, base_volume, compose, is_residual, vae_base
 from ctdiff.samplers import StepProgress, make_sampler
 from ctdiff.slab import project_to_slabs
 from ctdiff.sliding import sample_volume
@@ -63,6 +63,7 @@ class ThinSliceModel:
         self.thick_mm, self.thin_mm = float(thick_mm), float(thin_mm)
         self.device = torch.device(device)
         self.path, self.digest = path, digest
+        self.vae_digest: str | None = None  # the VAE's weights, when loaded from a checkpoint
         window = config.preprocess.window
         self.window = (window.center_hu, window.width_hu)
         self.base = config.diffusion.base
@@ -70,6 +71,11 @@ class ThinSliceModel:
         self.size_multiple = get_preset(config.diffusion.preset).size_multiple
         self.latent_channels = int(unet.out_channels)
         self._autocast = autocast_context(self.device, config.train_diffusion.precision)  # as in training
+
+    @property
+    def resolution(self) -> int | None:
+        """The in-plane size it was trained at (`preprocess.resolution`); None: native grids."""
+        return self.config.preprocess.resolution
 
     @property
     def sampler_name(self) -> str:
@@ -103,10 +109,12 @@ class ThinSliceModel:
             )
         unet = build_unet(config.diffusion.preset, payload["latent"]["channels"], payload["latent"].get("condition_channels"))
         unet.load_state_dict(payload["model"])  # the EMA weights
-        return cls(
+        model = cls(
             unet.to(device).eval(), vae, config, payload["latent"]["scale_factor"],
             payload["thick_mm"], payload["thin_mm"], device, path, checkpoint_digest(path),
         )
+        model.vae_digest = payload["vae"]["digest"]
+        return model
 
     def _model_fn(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with self._autocast:

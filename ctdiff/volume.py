@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from ctdiff.windowing import apply_window
+
+Kind = Literal["thick", "thin"]  # the two series of a paired case
+KINDS: tuple[Kind, Kind] = ("thick", "thin")
 
 # ImageOrientationPatient of a plain axial slice: rows along +x, columns along +y.
 AXIAL_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ctdiff.config import Config, ConfigError, load_config, require_input
+from ctdiff.errors import UsageError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 EXIT_USAGE = 2
@@ -130,10 +131,11 @@ def run_infer(config: Config, args: argparse.Namespace) -> int:
                 args.input, args.output, predictor, window, model.thin_mm, args.format,
                 progress=lambda info: print(f"[{info['done']}/{info['total']}] {info['id']}: {info['status']}",
                                             file=sys.stderr),
+                resolution=model.resolution,
             )
         else:
             ref = CaseRef(id=args.input.name, path=str(args.input), category=UNCATEGORIZED)
-            results = [infer_entry(ref, args.output, predictor, window, model.thin_mm)]
+            results = [infer_entry(ref, args.output, predictor, window, model.thin_mm, model.resolution)]
     except ValueError as error:
         print(f"ctdiff: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -142,6 +144,8 @@ def run_infer(config: Config, args: argparse.Namespace) -> int:
     for r in results:
         if r["status"] == "ok":
             std = f" (sample std in HU: {r['std_output']})" if r.get("std_output") else ""
+            if r.get("resized_from"):
+                std += f" (resized in-plane from {r['resized_from'][1]}x{r['resized_from'][0]} px, as trained)"
             print(f"{r['id']}: {r['n_thick']} x {r['thick_mm']:g} mm -> {r['n_thin']} x {r['thin_mm']:g} mm "
                   f"in {r['seconds']:.1f} s: {r['output']}{std}")
         else:
@@ -247,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     name = "pipeline" if args.command == "demo" else args.command
     try:
         result = run_flow(name, args.config, args.overrides)
+    except UsageError as error:  # a setting or input to change: a usage error, as for a bad key
+        print(f"ctdiff: {name}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (RuntimeError, ValueError) as error:
         # The flow run's log above holds the details; end with one line, not a traceback.
         print(f"ctdiff: {name} failed: {error}", file=sys.stderr)

@@ -7,12 +7,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from ctdiff.config import load_config
+from ctdiff.devices import resolve_device
+from ctdiff.errors import UsageError
+from ctdiff.layout import WorkLayout
 from ctdiff.store import CaseStore
 from tasks.progress import Progress
 from tasks.vae import (
-    device_name,
     encode_case,
-    latent_root,
     prepare_latent_store,
     report_latents,
     resolve_vae_checkpoint,
@@ -33,9 +34,15 @@ def encode_latents(config: str | None = None, overrides: list[str] | None = None
     ids = store.ids()
     if not ids:
         raise ValueError(f"no ok cases in {cfg.paths.store}; run `ctdiff preprocess` first")
+    train_ids = store.ids(split="train")
+    if not train_ids:  # the scale factor is a training statistic: never taken from val or test cases
+        raise UsageError(
+            f"no train cases in {cfg.paths.store}: set preprocess.split (e.g. --set preprocess.split.train=0.8) "
+            "and run `ctdiff preprocess` again"
+        )
     vae = resolve_vae_checkpoint(cfg)
-    root = str(latent_root(cfg))
-    device = device_name(cfg.encode.device)
+    root = str(WorkLayout.of(cfg).latents)
+    device = str(resolve_device(cfg.encode.device))
     window = cfg.preprocess.window.as_pair()
     prepare_latent_store(root, vae, window)
     summaries = []
@@ -45,7 +52,6 @@ def encode_latents(config: str | None = None, overrides: list[str] | None = None
                 encode_case(case_id, str(cfg.paths.store), root, vae, window, cfg.encode.chunk_slices, device)
             )
             progress.advance(case=case_id)
-    train_ids = store.ids(split="train") or ids
     scale = scale_factor(root, vae, train_ids)
     latent_dir = str(Path(root) / vae["digest"])
     report_latents(summaries, latent_dir, scale)

@@ -7,11 +7,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from ctdiff.config import load_config
+from ctdiff.devices import resolve_device
 from ctdiff.infer import check_std_clashes, discover_inputs, output_path
-from tasks.evaluate import digest_checkpoint
-from tasks.infer import checkpoint_path, infer_case, report_inference
+from ctdiff.layout import WorkLayout
+from tasks.checkpoints import digest_checkpoint
+from tasks.infer import infer_case, report_inference
 from tasks.progress import Progress
-from tasks.vae import device_name
 
 
 @flow(name="infer")
@@ -26,12 +27,12 @@ def infer(config: str | None = None, overrides: list[str] | None = None) -> dict
     ic = cfg.infer
     if ic.input is None or ic.output is None:
         raise ValueError("infer.input and infer.output: set both, e.g. --set infer.input=data/new --set infer.output=data/thin")
-    checkpoint = digest_checkpoint(str(checkpoint_path(cfg)))
+    checkpoint = digest_checkpoint(str(WorkLayout.of(cfg).checkpoint("diffusion", ic.checkpoint)))
     refs = discover_inputs(ic.input)
     if not refs:
         raise ValueError(f"infer.input: no cases (ZIP, DICOM folder, .nii or .nii.gz) in {ic.input}")
     output_dir = Path(ic.output)
-    device = device_name(ic.device)
+    device = str(resolve_device(ic.device))
     outputs = [output_path(output_dir, ref.id, ic.format) for ref in refs]
     check_std_clashes(refs, outputs)
     results = []

@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from ctdiff.config import Config, load_config, require_input
+from ctdiff.layout import WorkLayout
 from tasks.preprocess import (
     create_store,
     decode_case,
@@ -76,5 +77,5 @@ def preprocess(config: str | None = None, overrides: list[str] | None = None) ->
     counts = {status: sum(e["status"] == status for e in manifest) for status in ("ok", "quarantined")}
     if counts["ok"] == 0:
         raise RuntimeError(f"no case could be ingested ({counts['quarantined']} quarantined); see the manifest")
-    previews = preview_cases(store_path, cfg.preprocess.window.as_pair(), str(cfg.paths.work / "previews"))
+    previews = preview_cases(store_path, cfg.preprocess.window.as_pair(), str(WorkLayout.of(cfg).previews))
     return {"store": store_path, **counts, "previews": previews}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +10,14 @@ from prefect.artifacts import create_markdown_artifact
 from ctdiff.config import Config
 from ctdiff.fingerprint import code_version
 from ctdiff.latents import LatentStore
+from ctdiff.layout import WorkLayout
 from ctdiff.store import CaseStore
 from tasks.progress import Progress, training_reporter
 from tasks.training import finished_checkpoint, training_key, training_task
-from tasks.vae import latent_root
-
-
-def diffusion_dir(config: Config) -> Path:
-    return Path(config.paths.work) / "checkpoints" / "diffusion"
 
 
 def latent_store_of(config: Config, vae: dict) -> LatentStore:
-    return LatentStore(latent_root(config), vae["digest"])
+    return LatentStore(WorkLayout.of(config).latents, vae["digest"])
 
 
 def _training_key(inputs: dict[str, Any]) -> str:
@@ -38,29 +33,12 @@ def _training_key(inputs: dict[str, Any]) -> str:
         "diffusion": config.diffusion.model_dump(mode="json"),
         "train_diffusion": config.train_diffusion.model_dump(mode="json"),
     }
-    return training_key("diffusion", sections, data, _code_version())
-
-
-@lru_cache(maxsize=1)
-def _code_version() -> str:
-    import ctdiff.diffusion
-    import ctdiff.latent_windows
-    import ctdiff.residual
-    import ctdiff.samplers
-    import ctdiff.sliding
-    import ctdiff.slab
-    import ctdiff.thin_slice
-    import ctdiff.train_diffusion
-
-    return code_version(
-        ctdiff.diffusion, ctdiff.latent_windows, ctdiff.residual, ctdiff.samplers, ctdiff.sliding, ctdiff.slab,
-        ctdiff.thin_slice, ctdiff.train_diffusion,
-    )
+    return training_key("diffusion", sections, data, code_version("ctdiff.train_diffusion"))
 
 
 def _finished(inputs: dict[str, Any], key: str) -> bool:
     config: Config = inputs["config"]
-    return finished_checkpoint(diffusion_dir(config) / "last.pt", config.train_diffusion.steps)
+    return finished_checkpoint(WorkLayout.of(config).checkpoint("diffusion", "last"), config.train_diffusion.steps)
 
 
 @training_task("train-diffusion", key_fn=_training_key, done_fn=_finished)
@@ -71,10 +49,11 @@ def train_diffusion_task(config: Config, vae: dict) -> dict:
     latents = latent_store_of(config, vae)
     if not latents.ids():
         raise ValueError(f"no latents in {latents.path}; run `ctdiff encode-latents` first")
-    data = {"store": str(config.paths.store), "latent_root": str(latent_root(config)),
+    layout = WorkLayout.of(config)
+    data = {"store": str(config.paths.store), "latent_root": str(layout.latents),
             "vae_digest": vae["digest"], "vae_checkpoint": vae["path"]}
     with Progress(config.train_diffusion.steps, "step", "train-diffusion") as bar:
-        summary = train("diffusion", config, diffusion_dir(config), data, training_reporter(bar))
+        summary = train("diffusion", config, layout.checkpoint_dir("diffusion"), data, training_reporter(bar))
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in summary.items()}
     best = summary.get("best_val_psnr")
     fit = f": best val PSNR {best:.2f} dB" if best is not None else ""

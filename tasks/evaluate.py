@@ -1,54 +1,30 @@
-"""Prefect tasks of `evaluate`: pick the checkpoints and cases, score them (cached), report."""
+"""Prefect tasks of `evaluate`: pick the checkpoints and cases, check them, score them (cached), report."""
 
 from __future__ import annotations
 
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from ctdiff.checkpoint import checkpoint_digest
 from ctdiff.config import Config
 from ctdiff.fingerprint import code_version, settings_digest
+from ctdiff.layout import WorkLayout
+from ctdiff.provenance import Provenance, common_window
 from ctdiff.store import CaseStore
-from tasks.diffusion import diffusion_dir
 from tasks.progress import Progress
-from tasks.training import KeyedCache, OutputCache, file_state_key
+from tasks.training import OutputCache
 
 MODEL = "model"  # SPEC §6 name of the (first) diffusion checkpoint's method
-
-
-def reports_dir(config: Config) -> Path:
-    return Path(config.paths.work) / "reports"
-
-
-def newest_checkpoint(folder: Path) -> Path:
-    """The most recently written `*.pt` under `folder`: what a nightly re-evaluation scores."""
-    candidates = sorted(folder.glob("*.pt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-    if not candidates:
-        raise ValueError(f"evaluate.checkpoints: no diffusion checkpoint in {folder}; run `ctdiff train-diffusion` first")
-    return candidates[-1]
-
-
-def _checkpoint_key(inputs: dict[str, Any]) -> str | None:
-    return file_state_key("diffusion-checkpoint", Path(inputs["path"]))
-
-
-@task(name="checkpoint-digest", cache_policy=KeyedCache(key_fn=_checkpoint_key), persist_result=True)
-def digest_checkpoint(path: str) -> dict:
-    """{path, digest}: the content hash keys the evaluation, so a rewritten file is scored again."""
-    if not Path(path).is_file():
-        raise ValueError(f"evaluate.checkpoints: no such checkpoint {path}")
-    return {"path": path, "digest": checkpoint_digest(path)}
+CEILING = "vae_ceiling"
 
 
 def checkpoint_paths(config: Config) -> list[str]:
     if config.evaluate.checkpoints:
         return [str(Path(p)) for p in config.evaluate.checkpoints]
-    return [str(newest_checkpoint(diffusion_dir(config)))]
+    return [str(WorkLayout.of(config).newest_checkpoint("diffusion"))]
 
 
 def case_ids(config: Config) -> list[str]:
@@ -65,34 +41,37 @@ def case_ids(config: Config) -> list[str]:
     return ids
 
 
-def evaluation_key(config: Config, checkpoints: list[dict], ids: list[str]) -> str:
+@task(name="check-checkpoints")
+def check_checkpoints(checkpoints: list[dict], ids: list[str], store_path: str) -> dict:
+    """Refuse to score a checkpoint on cases it (or its VAE) trained on, or on a store made at
+    another in-plane resolution; returns the window they were trained in and notes for the
+    report (checkpoints whose training cases are not recorded)."""
+    provenances = [Provenance.read(c["path"]) for c in checkpoints]
+    window = common_window(provenances)
+    store = CaseStore(store_path)
+    for provenance in provenances:
+        provenance.check_unseen(ids)
+        for case_id in ids:
+            provenance.check_case(case_id, store.read(case_id, "thin", slice(0, 1)))  # one slice: its shape
+    notes = [
+        f"training cases of `{p.path}` are not recorded (a checkpoint from before that record): "
+        "it may have trained on the scored cases"
+        for p in provenances if p.train_ids is None
+    ]
+    return {"window": list(window), "notes": notes}
+
+
+def evaluation_key(config: Config, checkpoints: list[dict], ids: list[str], window: list[float]) -> str:
+    """The checkpoints' weights, the cases' content, the window, the sampling settings and the
+    code of this task and of every ctdiff module it imports (ctdiff.fingerprint)."""
     store = CaseStore(config.paths.store)
     return settings_digest(
         "evaluate",
         [c["digest"] for c in checkpoints],
         {case_id: store.case_key(case_id) for case_id in ids},
-        config.preprocess.window.as_pair(),
+        [float(v) for v in window],
         {"seed": config.evaluate.seed, "samples": config.evaluate.samples},
-        _code_version(),
-    )
-
-
-@lru_cache(maxsize=1)
-def _code_version() -> str:
-    import ctdiff.evaluate
-    import ctdiff.interpolate
-    import ctdiff.metrics
-    import ctdiff.report
-    import ctdiff.residual
-    import ctdiff.samplers
-    import ctdiff.slab
-    import ctdiff.sliding
-    import ctdiff.thin_slice
-    import ctdiff.train_vae
-
-    return code_version(
-        ctdiff.evaluate, ctdiff.interpolate, ctdiff.metrics, ctdiff.report, ctdiff.residual, ctdiff.samplers,
-        ctdiff.slab, ctdiff.sliding, ctdiff.thin_slice, ctdiff.train_vae,
+        code_version(__name__),
     )
 
 
@@ -106,43 +85,44 @@ def _report_written(inputs: dict[str, Any], key: str) -> bool:
     persist_result=True,
 )
 def score_and_report(
-    config: Config, checkpoints: list[dict], ids: list[str], key: str, reports_root: str, run: str
+    config: Config, checkpoints: list[dict], ids: list[str], checked: dict, key: str, reports_root: str, run: str
 ) -> dict:
-    """Score every method on `ids`, write the report under `reports_root/run`, append the history."""
+    """Score every method on `ids` in the checkpoints' window (`checked`, from check_checkpoints),
+    write the report under `reports_root/run`, append the history (with the scored case ids)."""
     from ctdiff.devices import resolve_device
     from ctdiff.evaluate import (
-        append_history, baseline_predictors, ceiling_predictor, evaluate_cases, model_predictors, read_history,
+        append_history, baseline_predictors, ceiling_predictor, evaluate_cases, history_record, model_predictors,
+        read_history,
     )
     from ctdiff.report import write_report
     from ctdiff.thin_slice import ThinSliceModel
 
-    window = tuple(config.preprocess.window.as_pair())
+    window = tuple(checked["window"])
     device = resolve_device(config.evaluate.device)
     models = [ThinSliceModel.load(c["path"], device) for c in checkpoints]
     predictors = dict(baseline_predictors(window))
-    predictors["vae_ceiling"] = ceiling_predictor(models[0], window)
+    ceilings: set[str] = set()
     for i, (model, ckpt) in enumerate(zip(models, checkpoints)):
-        name = MODEL if i == 0 else f"{MODEL}@{Path(ckpt['path']).stem}-{ckpt['digest'][:6]}"
-        predictors.update(model_predictors(model, name, window, config.evaluate.seed, config.evaluate.samples))
+        suffix = "" if i == 0 else f"@{Path(ckpt['path']).stem}-{ckpt['digest'][:6]}"
+        if model.vae_digest not in ceilings:  # one ceiling per VAE: checkpoints sharing one share it
+            ceilings.add(model.vae_digest)
+            predictors[CEILING + suffix] = ceiling_predictor(model, window)
+        predictors.update(model_predictors(model, MODEL + suffix, window, config.evaluate.seed, config.evaluate.samples))
     start = time.perf_counter()
     with Progress(len(ids), "case", "evaluate") as progress:
         result = evaluate_cases(
             CaseStore(config.paths.store), ids, window, predictors, lambda case_id: progress.advance(case=case_id)
         )
-    history_path = reports_dir(config) / "history.jsonl"
-    record = {
-        "run": run, "key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "checkpoint": checkpoints[0]["path"], "checkpoint_digest": checkpoints[0]["digest"],
-        "n_cases": len(ids), "seconds": round(time.perf_counter() - start, 1),
-        "means": {name: {k: m[k] for k in ("psnr", "ssim", "hist_w1_hu")} for name, m in result.means().items()},
-        "in_between_means": {
-            name: {k: m[k] for k in ("psnr", "ssim", "hist_w1_hu")} for name, m in result.means("in_between").items()
-        },
-    }
-    append_history(history_path, record)
+    layout = WorkLayout.of(config)
+    record = history_record(
+        result, checkpoint=checkpoints[0]["path"], checkpoint_digest=checkpoints[0]["digest"],
+        split=None if config.evaluate.cases else config.evaluate.split, time_iso=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        run=run, key=key, case_ids=sorted(ids), seconds=round(time.perf_counter() - start, 1),
+    )
+    append_history(layout.history, record)
     paths = write_report(
-        Path(reports_root) / run, result, window, read_history(history_path),
-        title=f"ctdiff evaluation {run}", notes=_notes(models[0], config),
+        Path(reports_root) / run, result, window, read_history(layout.history),
+        title=f"ctdiff evaluation {run}", notes=_notes(models[0], config) + checked["notes"],
     )
     return {"run": run, "report_dir": str(Path(reports_root) / run), **{k: str(v) for k, v in paths.items()}}
 

@@ -9,15 +9,8 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from ctdiff.config import Config
 from ctdiff.fingerprint import code_version, file_digest, settings_digest
-from tasks.diffusion import diffusion_dir
-from tasks.training import OutputCache, chosen_checkpoint, is_transient
-
-
-def checkpoint_path(config: Config) -> Path:
-    """`infer.checkpoint`: best | last under checkpoints/diffusion, or a path."""
-    return chosen_checkpoint(diffusion_dir(config), config.infer.checkpoint)
+from tasks.training import OutputCache, is_transient
 
 
 @lru_cache(maxsize=1)
@@ -28,28 +21,13 @@ def _model(path: str, digest: str, device: str):
     return ThinSliceModel.load(path, device)
 
 
-@lru_cache(maxsize=1)
-def _code_version() -> str:
-    import ctdiff.dicom_write
-    import ctdiff.infer
-    import ctdiff.infer_io
-    import ctdiff.residual
-    import ctdiff.samplers
-    import ctdiff.slab
-    import ctdiff.sliding
-    import ctdiff.thin_slice
-
-    return code_version(
-        ctdiff.dicom_write, ctdiff.infer, ctdiff.infer_io, ctdiff.residual, ctdiff.samplers, ctdiff.slab, ctdiff.sliding, ctdiff.thin_slice
-    )
-
-
 def _case_key(inputs: dict[str, Any]) -> str:
-    """The case's content, the checkpoint's weights, seed, steps, output format and the code."""
+    """The case's content, the checkpoint's weights, seed, steps, output format, and the code of
+    this task and of every ctdiff module it imports (ctdiff.fingerprint)."""
     output = inputs["output"]
     return settings_digest(
         "infer", file_digest(inputs["ref"]["path"]), inputs["checkpoint"]["digest"], inputs["seed"],
-        inputs["sample_steps"], inputs["samples"], output.endswith((".nii", ".nii.gz")), _code_version(),
+        inputs["sample_steps"], inputs["samples"], output.endswith((".nii", ".nii.gz")), code_version(__name__),
     )
 
 
@@ -80,7 +58,7 @@ def infer_case(
 
     model = _model(checkpoint["path"], checkpoint["digest"], device)
     predictor = model.predictor(seed, sample_steps, samples=samples)
-    return infer_entry(CaseRef(**ref), output, predictor, model.window, model.thin_mm)
+    return infer_entry(CaseRef(**ref), output, predictor, model.window, model.thin_mm, model.resolution)
 
 
 @task(name="report-inference")

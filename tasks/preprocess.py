@@ -89,10 +89,12 @@ def quarantine_case(ref: dict, store_path: str, reason: str) -> dict:
 
 @task(name="write-splits")
 def write_splits(store_path: str, ratios: dict[str, float], seed: int) -> list[dict]:
-    """Assign ok cases to train/val/test and return the manifest."""
+    """Assign ok cases to train/val/test (a case keeps the split it had under the same seed and
+    ratios: ctdiff.cases.assign_splits) and return the manifest."""
     store = CaseStore(store_path)
     ok = {e["id"]: e["category"] for e in store.manifest() if e["status"] == "ok"}
-    store.set_splits(assign_splits(ok, ratios, seed))
+    settings = {"seed": seed, "ratios": dict(ratios)}
+    store.set_splits(assign_splits(ok, ratios, seed, previous=store.splits(settings)), settings)
     return store.manifest()
 
 

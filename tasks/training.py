@@ -90,11 +90,6 @@ class KeyedCache(CachePolicy):
         return self.key_fn(inputs)
 
 
-def chosen_checkpoint(folder: Path, choice: str) -> Path:
-    """A `best` | `last` | PATH setting: folder/best.pt, folder/last.pt, or the path itself."""
-    return folder / f"{choice}.pt" if choice in ("best", "last") else Path(choice)
-
-
 def file_state_key(kind: str, path: Path) -> str | None:
     """A key that changes whenever the file at `path` is rewritten (size and modification time)."""
     if not path.is_file():

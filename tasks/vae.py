@@ -12,14 +12,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from ctdiff import latents
 from ctdiff.checkpoint import checkpoint_digest, load_vae
 from ctdiff.config import Config
-from ctdiff.devices import resolve_device
+from ctdiff.errors import UsageError
 from ctdiff.distributed import train
 from ctdiff.fingerprint import code_version, file_digest
+from ctdiff.layout import WorkLayout
 from ctdiff.store import CaseStore
 from tasks.progress import Progress, training_reporter
 from tasks.training import (
     KeyedCache,
-    chosen_checkpoint,
     OutputCache,
     file_state_key,
     finished_checkpoint,
@@ -27,10 +27,6 @@ from tasks.training import (
     training_key,
     training_task,
 )
-
-
-def _vae_dir(config: Config) -> Path:
-    return Path(config.paths.work) / "checkpoints" / "vae"
 
 
 def _vae_training_key(inputs: dict[str, Any]) -> str:
@@ -44,22 +40,12 @@ def _vae_training_key(inputs: dict[str, Any]) -> str:
         "base": config.diffusion.base,  # what the VAE learns: images, or residuals over this base
         "pretrained": file_digest(config.vae.pretrained) if config.vae.pretrained else None,
     }
-    return training_key("vae", sections, data, _vae_code_version())
-
-
-@lru_cache(maxsize=1)
-def _vae_code_version() -> str:
-    import ctdiff.autoencoder
-    import ctdiff.patches
-    import ctdiff.residual
-    import ctdiff.train_vae
-
-    return code_version(ctdiff.autoencoder, ctdiff.patches, ctdiff.residual, ctdiff.train_vae)
+    return training_key("vae", sections, data, code_version("ctdiff.train_vae"))
 
 
 def _vae_finished(inputs: dict[str, Any], key: str) -> bool:
     config: Config = inputs["config"]
-    return finished_checkpoint(_vae_dir(config) / "last.pt", config.train_vae.steps)
+    return finished_checkpoint(WorkLayout.of(config).checkpoint("vae", "last"), config.train_vae.steps)
 
 
 @training_task("train-vae", key_fn=_vae_training_key, done_fn=_vae_finished)
@@ -70,7 +56,8 @@ def train_vae_task(config: Config) -> dict:
     training runs under torchrun (DDP) in child processes; this task waits and relays progress.
     """
     with Progress(config.train_vae.steps, "step", "train-vae") as bar:
-        summary = train("vae", config, _vae_dir(config), {"store": str(config.paths.store)}, training_reporter(bar))
+        out_dir = WorkLayout.of(config).checkpoint_dir("vae")
+        summary = train("vae", config, out_dir, {"store": str(config.paths.store)}, training_reporter(bar))
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in summary.items()}
     create_markdown_artifact(
         key="train-vae",
@@ -84,12 +71,7 @@ def train_vae_task(config: Config) -> dict:
 
 
 def _vae_checkpoint_path(config: Config) -> Path:
-    return chosen_checkpoint(_vae_dir(config), config.encode.checkpoint)
-
-
-def latent_root(config: Config) -> Path:
-    """Where the latent stores live: one per VAE checkpoint digest below it."""
-    return Path(config.paths.work) / "latents"
+    return WorkLayout.of(config).checkpoint("vae", config.encode.checkpoint)
 
 
 @task(
@@ -108,7 +90,15 @@ def resolve_vae_checkpoint(config: Config) -> dict:
     path = _vae_checkpoint_path(config)
     if not path.is_file():
         raise ValueError(f"encode.checkpoint: no VAE checkpoint at {path}; run `ctdiff train-vae` first")
-    base = vae_base(load_checkpoint(path))
+    payload = load_checkpoint(path)
+    base = vae_base(payload)
+    trained_window = payload["config"]["preprocess"]["window"]
+    if [trained_window["center_hu"], trained_window["width_hu"]] != config.preprocess.window.as_pair():
+        raise UsageError(
+            f"encode.checkpoint: {path} was trained in window {trained_window['center_hu']:g}/"
+            f"{trained_window['width_hu']:g} HU, but preprocess.window is {config.preprocess.window.center_hu:g}/"
+            f"{config.preprocess.window.width_hu:g} HU; train the VAE with this window (another paths.work)"
+        )
     if base != config.diffusion.base:
         raise ValueError(
             f"encode.checkpoint: {path} is a VAE for diffusion.base={base!r}, but the config says "
@@ -194,6 +184,3 @@ def report_latents(summaries: list[dict], latent_dir: str, scale: float) -> None
         markdown=f"**{len(summaries)} cases** encoded in `{latent_dir}`; scale factor {scale:.4f}",
     )
 
-
-def device_name(setting: str) -> str:
-    return str(resolve_device(setting))

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from ctdiff.cases import assign_splits, discover_cases
+from ctdiff.cases import assign_splits, discover_cases, split_of
 
 
 def _touch(path):
@@ -31,18 +31,50 @@ def test_duplicate_ids_are_refused(tmp_path):
         discover_cases(tmp_path)
 
 
-def test_splits_are_stratified_deterministic_and_order_free():
-    categories = {f"a{i:02d}": "APE" for i in range(20)} | {f"n{i:02d}": "non-APE" for i in range(10)}
-    ratios = {"train": 0.8, "val": 0.1, "test": 0.1}
-    splits = assign_splits(categories, ratios, seed=0)
-    reordered = assign_splits(dict(reversed(list(categories.items()))), ratios, seed=0)
+RATIOS = {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+def test_splits_are_deterministic_order_free_and_follow_the_ratios_per_category():
+    categories = {f"a{i:03d}": "APE" for i in range(400)} | {f"n{i:03d}": "non-APE" for i in range(200)}
+    splits = assign_splits(categories, RATIOS, seed=0)
+    reordered = assign_splits(dict(reversed(list(categories.items()))), RATIOS, seed=0)
     assert splits == reordered
-    per = Counter((categories[i], s) for i, s in splits.items())
-    assert per[("APE", "train")] == 16 and per[("APE", "val")] == 2 and per[("APE", "test")] == 2
-    assert per[("non-APE", "train")] == 8 and per[("non-APE", "val")] == 1 and per[("non-APE", "test")] == 1
-    assert assign_splits(categories, ratios, seed=1) != splits
+    for category, n in (("APE", 400), ("non-APE", 200)):
+        counts = Counter(s for i, s in splits.items() if categories[i] == category)
+        for name, ratio in RATIOS.items():  # binomial: within 4 standard deviations
+            assert abs(counts[name] - ratio * n) <= 4 * (n * ratio * (1 - ratio)) ** 0.5, (category, counts)
+    assert assign_splits(categories, RATIOS, seed=1) != splits
+
+
+def test_a_case_split_depends_on_its_id_alone():
+    ids = [f"case_{i:03d}" for i in range(60)]
+    alone = {i: split_of(i, RATIOS, seed=3) for i in ids}
+    together = assign_splits({i: "x" for i in ids}, RATIOS, seed=3)
+    assert together == alone  # 60 cases: every split has cases, nothing is promoted
+
+
+def test_growing_a_store_from_5_to_60_cases_moves_no_case():
+    ids = [f"case_{i:03d}" for i in range(60)]
+    recorded: dict[str, str] = {}
+    moves = 0
+    for n in range(5, 61):
+        splits = assign_splits({i: "x" for i in ids[:n]}, RATIOS, seed=0, previous=recorded)
+        moves += sum(splits[i] != s for i, s in recorded.items())
+        assert {"train", "val", "test"} <= set(splits.values())
+        recorded = splits
+    assert moves == 0
+    # Without the record, the hash alone moves only the cases promoted while the store was small.
+    fresh = assign_splits({i: "x" for i in ids}, RATIOS, seed=0)
+    assert sum(fresh[i] != s for i, s in recorded.items()) <= 2
+
+
+def test_removing_cases_moves_no_other_case():
+    ids = [f"case_{i:03d}" for i in range(40)]
+    full = assign_splits({i: "x" for i in ids}, RATIOS, seed=0)
+    fewer = assign_splits({i: "x" for i in ids[::2]}, RATIOS, seed=0, previous=full)
+    assert all(fewer[i] == full[i] for i in fewer)
 
 
 def test_small_datasets_still_get_val_and_test():
-    splits = assign_splits({"a": "x", "b": "x", "c": "y"}, {"train": 0.8, "val": 0.1, "test": 0.1})
+    splits = assign_splits({"a": "x", "b": "x", "c": "y"}, RATIOS)
     assert sorted(splits.values()) == ["test", "train", "val"]

@@ -103,10 +103,12 @@ def test_pipeline_runs_every_stage_and_reports(config_path, first_run):
         entry = metrics["methods"][method]
         assert 5.0 < entry["psnr"] < 60.0 and 0.0 < entry["ssim"] <= 1.0
         assert set(entry["per_case"]) == test_ids
-    for name in ("report.md", "best_case.png", "worst_case.png"):
+    figures = ("best_case.png", "worst_case.png") if len(test_ids) > 1 else ("best_case.png",)
+    for name in ("report.md", *figures):
         assert (config_path.parent / report["report_dir"] / name).is_file()
     history = (config_path.parent / "work" / "reports" / "history.jsonl").read_text().splitlines()
     assert len(history) == 1 and json.loads(history[0])["run"] == report["run"]
+    assert json.loads(history[0])["case_ids"] == sorted(test_ids)  # which cases each run scored
     # Everything that works ran for real the first time (train-diffusion reuses the VAE
     # checkpoint that encode-latents resolved: that one lookup is cached).
     computed = _states(runs, ("decode-", "resize-", "train-", "encode-", "scale-factor", "score-cases"))
@@ -176,3 +178,40 @@ def test_infer_flow_writes_every_case_and_caches_them(config_path, first_run, tm
     infer(config=str(config_path), overrides=overrides)
     states = {name: s for name, s in _task_runs_since(started).items() if name.startswith("infer-")}
     assert states == {**{f"infer-{case.stem}": ["Cached"] for case in cases}, "infer-broken": ["Completed"]}
+
+
+def test_editing_a_sampler_reruns_evaluate_and_infer_and_an_unrelated_module_does_not(
+    config_path, first_run, tmp_path, prefect_harness, monkeypatch
+):
+    import shutil
+
+    from ctdiff import fingerprint
+    from flows.evaluate import evaluate
+    from flows.infer import infer
+
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(sorted((config_path.parent / "cases").rglob("*.zip"))[0], new)
+    overrides = [f"infer.input={new}", f"infer.output={tmp_path / 'thin'}", "infer.sample_steps=2", "infer.device=cpu"]
+    source = fingerprint._source
+
+    def run_both(edited: str | None) -> dict[str, list[str]]:
+        # An "edit" of a module's file, as the cache keys read it (a trailing comment).
+        monkeypatch.setattr(fingerprint, "_source", lambda name: source(name) + (b"\n# edited\n" if name == edited else b""))
+        started = time.time()
+        evaluate(config=str(config_path))
+        infer(config=str(config_path), overrides=overrides)
+        return _states(_task_runs_since(started), ("score-cases", "infer-"))
+
+    run_both(None)
+    assert set(sum(run_both("ctdiff.phantom").values(), [])) == {"Cached"}
+    assert set(sum(run_both("ctdiff.samplers").values(), [])) == {"Completed"}
+
+
+def test_evaluate_refuses_the_cases_a_checkpoint_trained_on(config_path, first_run, prefect_harness, capsys):
+    from flows.cli import main
+
+    code = main(["evaluate", "--config", str(config_path), "--set", "evaluate.split=train"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert last.startswith("ctdiff: evaluate: error: ") and "was trained on" in last and "evaluate.split=test" in last

@@ -349,3 +349,20 @@ def test_infer_batch_writes_std_maps_and_refuses_clashing_ids(tmp_path, rng):
     with pytest.raises(ValueError, match="case 'scan_std' is where the uncertainty map of case 'scan'"):
         infer_batch(inputs, tmp_path / "again", sampling(STD), WINDOW, 1.0, fmt="dicom")
     assert not (tmp_path / "again").exists()
+
+
+def test_infer_case_resizes_the_input_to_the_models_resolution(tmp_path):
+    """A model trained at preprocess.resolution=R sees its input resized as preprocessing
+    resized its training cases: same field of view, R x R pixels."""
+    from ctdiff.preprocess import resize_inplane
+
+    case = small_synth_case(tmp_path / "in")
+    thick = read_series(case).volume
+    size = thick.shape[1] // 2
+    summary = infer_case(case, tmp_path / "thin.nii.gz", linear, WINDOW, 1.0, resolution=size)
+    assert summary["resized_from"] == list(thick.shape[1:])
+    out = read_nifti(tmp_path / "thin.nii.gz")
+    assert_same_geometry(out, expected_thin(resize_inplane(thick, size), 1.0))
+    assert out.spacing_mm[1:] == pytest.approx((2 * thick.spacing_mm[1], 2 * thick.spacing_mm[2]))
+    same = infer_case(case, tmp_path / "same.nii.gz", linear, WINDOW, 1.0, resolution=thick.shape[1])
+    assert same["resized_from"] is None
