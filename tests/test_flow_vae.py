@@ -88,3 +88,27 @@ def test_cli_refuses_mismatched_pretrained_weights(store_path, tmp_path, capsys)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ctdiff: error: vae.pretrained:") and "\n" not in err
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def test_encode_refuses_another_window_and_an_empty_train_split(store_path, tmp_path, prefect_harness, capsys):
+    import shutil
+
+    overrides = _overrides(store_path, tmp_path / "work") + ["train_vae.steps=0"]
+    assert main(["train-vae", *_sets(overrides)]) == 0
+
+    # The VAE was trained in 40/400 HU: latents in another window would not be what it learned.
+    assert main(["encode-latents", *_sets(overrides + ["preprocess.window.center_hu=100"])]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was trained in window 40/400 HU" in last and "preprocess.window is 100/400 HU" in last
+
+    # The scale factor is a statistic of the train split, never of val or test cases.
+    no_train = tmp_path / "no-train.zarr"
+    shutil.copytree(store_path, no_train)
+    CaseStore(no_train).set_splits({case_id: "val" for case_id in CaseStore(no_train).ids()})
+    assert main(["encode-latents", *_sets(_overrides(no_train, tmp_path / "work"))]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("ctdiff: encode-latents: error: no train cases") and "preprocess.split" in last

@@ -87,3 +87,13 @@ def test_rewrite_replaces_a_case(tmp_path):
     np.testing.assert_array_equal(store.read_native("c", "thin").hu, second.hu)
     assert store.native_key("c") == "k2"
     assert not list((tmp_path / "s.zarr" / ".staging").glob("*"))
+
+
+def test_splits_are_recorded_with_the_settings_they_were_assigned_with(tmp_path):
+    store = CaseStore(tmp_path / "s.zarr")
+    store.create()
+    settings = {"seed": 0, "ratios": {"train": 0.8, "val": 0.1, "test": 0.1}}
+    store.set_splits({"a": "train", "b": "test"}, settings)
+    assert CaseStore(tmp_path / "s.zarr").splits(settings) == {"a": "train", "b": "test"}
+    assert store.splits({**settings, "seed": 1}) == {}  # other settings: nothing to keep
+    assert store.splits() == {"a": "train", "b": "test"}
