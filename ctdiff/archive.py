@@ -9,6 +9,7 @@ name: DICOM file names often hold patient names.
 from __future__ import annotations
 
 import errno
+import lzma
 import os
 import re
 import stat
@@ -107,7 +108,7 @@ def _iter_zip(path: Path, limits: ArchiveLimits) -> Iterator[bytes]:
                 data = zf.read(info)
             except NotImplementedError as exc:
                 raise CaseError(f"unsupported zip compression in member #{index}") from exc
-            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
+            except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, ValueError) as exc:
                 raise CaseError(f"corrupt zip: bad member #{index}") from exc
             except OSError as exc:
                 _raise_if_transient(exc)
@@ -118,10 +119,12 @@ def _iter_zip(path: Path, limits: ArchiveLimits) -> Iterator[bytes]:
 def _raise_if_transient(exc: OSError) -> None:
     """Let I/O failures of the storage (not of the file's content) through, to be retried.
 
-    zipfile reports a truncated archive as EINVAL (a seek before the start); anything else, such
-    as EIO or ESTALE from a network filesystem, says nothing about the case itself.
+    zipfile reports a truncated archive as EINVAL (a seek before the start), and the bzip2
+    decompressor a damaged member as an OSError without errno ("Invalid data stream"): both are
+    the case's content. Anything else, such as EIO or ESTALE from a network filesystem, says
+    nothing about the case itself.
     """
-    if exc.errno != errno.EINVAL:
+    if exc.errno is not None and exc.errno != errno.EINVAL:
         raise exc
 
 

@@ -10,6 +10,7 @@ stay in memory; no header value reaches an error reason.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
+from pydicom.uid import UID
 
 from ctdiff.archive import ArchiveLimits, iter_members
 from ctdiff.errors import CaseError
@@ -30,6 +32,8 @@ DUPLICATE_MM = 1e-3  # slice positions closer than this are the same position
 GRID_TOL = 1e-3  # pixel spacing (mm) and direction cosines must agree this closely
 AIR_HU = -1024  # nothing real in CT is below air: lower values are padding outside the FOV
 _INT16_MAX = np.iinfo(np.int16).max
+_PIXEL_MODULE = ("BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation",
+                 "SamplesPerPixel")  # what decoding needs beyond Rows and Columns (type 1)
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,10 @@ class SeriesRead:
 @dataclass
 class _Slice:
     ds: Dataset | None  # dropped once decoded, so its pixel bytes can be freed
-    z_mm: float
+    z_mm: float  # NaN when ImagePositionPatient is not finite
     position_mm: tuple[float, float, float]
-    slope: float
-    intercept: float
+    slope: float | None  # None: RescaleSlope absent or empty
+    intercept: float | None
 
 
 @dataclass
@@ -69,10 +73,15 @@ class _Series:
     pixel_spacing_mm: tuple[float, float]  # (row spacing dy, column spacing dx)
     order: tuple  # deterministic tie-break between otherwise equal series
     slices: list[_Slice] = field(default_factory=list)
+    unplaced: list[_Slice] = field(default_factory=list)  # non-finite position, once sorted
     z_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (D,) once sorted
     dz_mm: float = 0.0  # median step between distinct positions, once sorted
 
     def sort(self) -> None:
+        # A NaN position has no place in the order (sorting with it is undefined): kept apart,
+        # so the series' extent and spacing stay those of its valid slices.
+        self.unplaced = [s for s in self.slices if not math.isfinite(s.z_mm)]
+        self.slices = [s for s in self.slices if math.isfinite(s.z_mm)]
         self.slices.sort(key=lambda s: s.z_mm)
         self.z_mm = np.array([s.z_mm for s in self.slices], dtype=np.float64)  # (D,)
         steps = np.diff(self.z_mm)
@@ -101,6 +110,7 @@ def read_case(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> CasePair:
     series.clear()  # the other series' pixel bytes can go before decoding
     for role, s in (("thick", thick), ("thin", thin)):
         _check_positions(s, role)
+        _check_rescale(s, role)
     return CasePair(
         thick=_decode(thick, "thick"),
         thin=_decode(thin, "thin"),
@@ -129,6 +139,7 @@ def read_series(
     chosen = _thickest(series) if choose == "thickest" else _thinnest(series)
     series.clear()
     _check_positions(chosen, roles[choose])
+    _check_rescale(chosen, roles[choose])
     header = _header(chosen.slices[0].ds)
     return SeriesRead(
         volume=_decode(chosen, roles[choose]),
@@ -145,10 +156,9 @@ def _group(path: Path, limits: ArchiveLimits) -> tuple[list[_Series], int]:
     for data in iter_members(Path(path), limits):
         n_files += 1
         _add_member(groups, data)
-    series = [s for s in groups.values() if len(s.slices) >= 2]
-    for s in series:
+    for s in groups.values():
         s.sort()
-    return series, n_files
+    return [s for s in groups.values() if len(s.slices) >= 2], n_files
 
 
 def _header(ds: Dataset | None) -> Dataset:
@@ -174,6 +184,10 @@ def _add_member(groups: dict[tuple, _Series], data: bytes) -> None:
             # ends early; the header alone identifies the slice, which then fails as truncated.
             with BytesIO(data) as fp:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        # pydicom converts elements lazily: a garbled VR or value in, say, BitsAllocated would
+        # raise later, outside this guard, wherever the element is first read.
+        for _ in ds.iterall():
+            pass
         found = _identify(ds)
     # pydicom raises many types on damaged headers (struct.error, NotImplementedError for a
     # garbled VR, BytesLengthException, ...): a member that cannot be identified is ignored,
@@ -204,6 +218,10 @@ def _identify(ds: Dataset) -> tuple[tuple, _Series, _Slice] | None:
     if iop is None or ipp is None or spacing is None or len(iop) != 6 or len(ipp) != 3:
         return None
     orientation = tuple(float(v) for v in iop)
+    pixel_spacing = (float(spacing[0]), float(spacing[1]))
+    if not all(math.isfinite(v) for v in orientation) or not all(
+            math.isfinite(v) and v > 0 for v in pixel_spacing):
+        return None  # a grid that cannot be placed: a gap in its series, if inside one
     normal = np.cross(orientation[:3], orientation[3:])
     norm = float(np.linalg.norm(normal))
     if norm < 0.5 or abs(normal[2]) / norm < np.cos(np.radians(MAX_TILT_DEG)):
@@ -211,19 +229,19 @@ def _identify(ds: Dataset) -> tuple[tuple, _Series, _Slice] | None:
     normal = normal / norm
     position = tuple(float(v) for v in ipp)
     rows, columns = int(ds.Rows), int(ds.Columns)
-    pixel_spacing = (float(spacing[0]), float(spacing[1]))
     uid = str(ds.get("SeriesInstanceUID", ""))
     key = (uid, tuple(round(v, 3) for v in orientation), rows, columns,
            tuple(round(v, 3) for v in pixel_spacing))
     series = _Series(orientation, rows, columns, pixel_spacing, order=key)
     slope = ds.get("RescaleSlope")
     intercept = ds.get("RescaleIntercept")
+    finite = all(math.isfinite(v) for v in position)
     sl = _Slice(
         ds=ds,
-        z_mm=float(np.dot(position, normal)),
+        z_mm=float(np.dot(position, normal)) if finite else math.nan,
         position_mm=position,  # type: ignore[arg-type]
-        slope=1.0 if slope in (None, "") else float(slope),
-        intercept=0.0 if intercept in (None, "") else float(intercept),
+        slope=None if slope in (None, "") else float(slope),
+        intercept=None if intercept in (None, "") else float(intercept),
     )
     return key, series, sl
 
@@ -271,7 +289,9 @@ def _thinnest(series: list[_Series]) -> _Series:
 
 
 def _check_positions(s: _Series, role: str) -> None:
-    """Refuse duplicate positions and gaps wider than 1.5 slice spacings."""
+    """Refuse non-finite positions, duplicate positions and gaps wider than 1.5 slice spacings."""
+    if s.unplaced:
+        raise CaseError(f"non-finite ImagePositionPatient in {role} series")
     steps = np.diff(s.z_mm)  # (D-1,)
     duplicate = np.flatnonzero(steps < DUPLICATE_MM)
     if duplicate.size:
@@ -280,6 +300,24 @@ def _check_positions(s: _Series, role: str) -> None:
     if gap.size:
         missing_z = s.z_mm[gap[0]] + s.dz_mm
         raise CaseError(f"missing slice at z={missing_z:.1f} mm in {role} series")
+
+
+def _check_rescale(s: _Series, role: str) -> None:
+    """Refuse a slice without the rescale tags its series carries, or with invalid values.
+
+    CT requires RescaleSlope and RescaleIntercept; a series with neither is read as stored
+    values (pydicom's modality LUT does the same), but one slice that lost its intercept would
+    otherwise be read off by ~1024 HU without a word.
+    """
+    for tag, values in (("RescaleSlope", [sl.slope for sl in s.slices]),
+                        ("RescaleIntercept", [sl.intercept for sl in s.slices])):
+        missing = [k for k, v in enumerate(values) if v is None]
+        if missing and len(missing) < len(values):
+            raise CaseError(f"missing {tag} in {role} series, slice {missing[0]}")
+        for k, v in enumerate(values):
+            # NaN and inf would be cast to int16 as garbage; a zero slope blanks the slice.
+            if v is not None and (not math.isfinite(v) or (v == 0 and tag == "RescaleSlope")):
+                raise CaseError(f"invalid {tag} in {role} series, slice {k}")
 
 
 def _decode(s: _Series, role: str) -> Volume:
@@ -291,7 +329,8 @@ def _decode(s: _Series, role: str) -> Volume:
         stored = _pixels(ds, role, k)  # (H, W)
         if stored.shape != hu.shape[1:]:
             raise CaseError(f"cannot decode pixel data: shape {stored.shape} in {role} series")
-        hu[k] = _rescale(stored, sl.slope, sl.intercept)
+        slope = 1.0 if sl.slope is None else sl.slope  # None: the whole series has none
+        hu[k] = _rescale(stored, slope, 0.0 if sl.intercept is None else sl.intercept)
         del ds, stored
     return Volume(
         hu=hu,
@@ -307,9 +346,15 @@ def _pixels(ds: Dataset, role: str, k: int) -> np.ndarray:
     truncated = CaseError(f"truncated DICOM in {role} series, slice {k}")
     if "PixelData" not in ds or ds.PixelData is None:
         raise truncated
+    for keyword in _PIXEL_MODULE:  # else pydicom fails with a bare AttributeError, or we do
+        if ds.get(keyword) is None:
+            raise CaseError(f"missing {keyword} in {role} series, slice {k}")
     syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is None:
+    if not syntax:  # absent, or present and empty
         raise CaseError("unsupported transfer syntax (none given)")
+    syntax = UID(syntax)
+    if not syntax.is_valid:  # not digits and dots: say so rather than echo header bytes
+        raise CaseError("unsupported transfer syntax (not a valid UID)")
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError as exc:
@@ -317,6 +362,9 @@ def _pixels(ds: Dataset, role: str, k: int) -> np.ndarray:
     if not decoder.is_available:
         raise CaseError(f"unsupported transfer syntax {syntax.name}")
     if not syntax.is_encapsulated:
+        if ds["PixelData"].is_undefined_length:  # its fragments would be read as pixels
+            raise CaseError(f"encapsulated pixel data under uncompressed transfer syntax "
+                            f"{syntax.name} in {role} series, slice {k}")
         expected = ds.Rows * ds.Columns * (int(ds.BitsAllocated) // 8)
         if len(ds.PixelData) < expected:
             raise truncated
@@ -327,6 +375,12 @@ def _pixels(ds: Dataset, role: str, k: int) -> np.ndarray:
     # Decoder plugins raise assorted types on damaged streams; all mean the same to a user.
     except Exception as exc:  # noqa: BLE001
         raise CaseError(f"cannot decode pixel data: {type(exc).__name__}") from exc
+    # pylibjpeg-rle (Rust) panics on some damaged RLE segments; pyo3 raises that as
+    # PanicException, a BaseException that cannot be imported by name.
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise CaseError("cannot decode pixel data: PanicException") from exc
 
 
 def _rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:

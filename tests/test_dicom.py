@@ -497,3 +497,141 @@ def test_missing_case_path(tmp_path):
 def test_library_does_not_import_prefect():
     code = "import sys, ctdiff.dicom, ctdiff.archive; assert 'prefect' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------- found by fuzzing
+# Each failed before its fix in ctdiff/dicom.py or ctdiff/archive.py (tests/test_dicom_fuzz.py).
+
+
+def edited(data: bytes, **changes) -> bytes:
+    """A member re-encoded with header changes; a value of None deletes the element."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for key, value in changes.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.parametrize("changes, expected", [
+    # without the check: slice 4 read 1024 HU too low (intercept 0), or NaN cast to int16
+    (dict(RescaleIntercept=None), "missing RescaleIntercept in thin series, slice 4"),
+    (dict(RescaleIntercept=""), "missing RescaleIntercept in thin series, slice 4"),
+    (dict(RescaleSlope=None, RescaleIntercept=None),
+     "missing RescaleSlope in thin series, slice 4"),
+    (dict(RescaleSlope="nan"), "invalid RescaleSlope in thin series, slice 4"),
+    (dict(RescaleSlope="0"), "invalid RescaleSlope in thin series, slice 4"),
+    (dict(RescaleIntercept="inf"), "invalid RescaleIntercept in thin series, slice 4"),
+], ids=["no-intercept", "empty-intercept", "no-rescale", "nan-slope", "zero-slope",
+        "inf-intercept"])
+def test_rescale_lost_by_one_slice_or_invalid(tmp_path, rng, changes, expected):
+    case = make_case(rng)
+    case.thin[4] = edited(case.thin[4], **changes)
+    assert reason(write_zip(tmp_path / "r.zip", case.members, rng)) == expected
+
+
+def test_series_without_rescale_reads_stored_values(tmp_path, rng):
+    case = make_case(rng, signed=True, intercept=0.0)
+    case.thin = [edited(m, RescaleSlope=None, RescaleIntercept=None) for m in case.thin]
+    pair = read_case(write_zip(tmp_path / "n.zip", case.members, rng))
+    np.testing.assert_array_equal(pair.thin.hu, case.thin_hu)  # identity, as pydicom's LUT
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("k", [0, 11], ids=["first", "inner"])
+def test_non_finite_position(tmp_path, rng, value, k):
+    # without the check: a NaN z sorted anywhere, or (the warning an error) the slice dropped
+    case = make_case(rng)
+    case.thin[k] = edited(case.thin[k], ImagePositionPatient=["-100", value, "-5"])
+    assert reason(write_zip(tmp_path / "p.zip", case.members, rng)) == (
+        "non-finite ImagePositionPatient in thin series")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_unplaceable_grid_is_not_an_axial_series(tmp_path, rng):
+    case = make_case(rng)
+    zero_dy = [edited(m, PixelSpacing=["0", "0.8"]) for m in case.thin]  # was read with dy = 0
+    path = write_zip(tmp_path / "s.zip", case.thick + zero_dy, rng)
+    assert reason(path) == "no thin series (only one axial CT series, spacing 5.00 mm)"
+    case.thick[2] = edited(case.thick[2], ImageOrientationPatient=["nan", 0, 0, 0, 1, 0])
+    path = write_zip(tmp_path / "o.zip", case.members, rng)
+    assert reason(path) == "missing slice at z=-10.0 mm in thick series"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("uid, expected", [
+    ("", "unsupported transfer syntax (none given)"),  # was AttributeError: 'str' ... 'name'
+    ("not a uid", "unsupported transfer syntax (not a valid UID)"),
+])
+def test_empty_or_invalid_transfer_syntax(tmp_path, rng, uid, expected):
+    case = make_case(rng, syntax=RLELossless)
+    padded = uid.encode().ljust(20, b"\0")  # the element keeps its length: 20 bytes
+    case.thin[3] = case.thin[3].replace(b"1.2.840.10008.1.2.5\0", padded)
+    assert reason(write_zip(tmp_path / "u.zip", case.members, rng)) == expected
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_encapsulated_pixel_data_under_native_syntax(tmp_path, rng):
+    """RLE fragments labelled Explicit VR Little Endian: they were read as pixels, wrong HU."""
+    case = make_case(rng, syntax=RLELossless)
+    case.thin[5] = case.thin[5].replace(b"1.2.840.10008.1.2.5\0", b"1.2.840.10008.1.2.1\0")
+    assert reason(write_zip(tmp_path / "e.zip", case.members, rng)) == (
+        "encapsulated pixel data under uncompressed transfer syntax Explicit VR Little Endian"
+        " in thin series, slice 5")
+
+
+@pytest.mark.parametrize("keyword", ["BitsAllocated", "PixelRepresentation"])
+def test_missing_pixel_module_element(tmp_path, rng, keyword):
+    # BitsAllocated: was AttributeError from the length check; others "cannot decode ...".
+    case = make_case(rng)
+    case.thick[1] = edited(case.thick[1], **{keyword: None})
+    assert reason(write_zip(tmp_path / "b.zip", case.members, rng)) == (
+        f"missing {keyword} in thick series, slice 1")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_garbled_vr_is_a_missing_slice(tmp_path, rng):
+    """A VR flipped in an element that identification does not read (BitsAllocated) used to
+    raise NotImplementedError from pydicom's lazy conversion, at decoding."""
+    case = make_case(rng)
+    data = bytearray(case.thin[6])
+    at = data.find(b"\x28\x00\x00\x01US")  # (0028,0100) BitsAllocated, explicit VR "US"
+    data[at + 4: at + 6] = b"U\x1a"
+    case.thin[6] = bytes(data)
+    assert reason(write_zip(tmp_path / "v.zip", case.members, rng)) == (
+        "missing slice at z=-15.0 mm in thin series")
+
+
+def test_rle_decoder_panic_is_a_decode_error(tmp_path, rng):
+    """pylibjpeg-rle panics (pyo3 PanicException, a BaseException) on runs past the frame."""
+    case = make_case(rng, syntax=RLELossless)
+    ds = pydicom.dcmread(io.BytesIO(case.thick[2]))
+    segment = bytes([0x81, 7]) * 20  # replicate runs of 128 bytes: 2560 > 32 * 40 per segment
+    header = b"".join(v.to_bytes(4, "little") for v in (2, 64, 64 + len(segment))) + bytes(52)
+    ds.PixelData = encapsulate([header + segment + segment])
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    case.thick[2] = buf.getvalue()
+    assert reason(write_zip(tmp_path / "p.zip", case.members, rng)) == (
+        "cannot decode pixel data: PanicException")
+
+
+def test_corrupt_bzip2_member_is_corrupt_zip(tmp_path, rng):
+    """A member relabelled bzip2: the decompressor's OSError (no errno) was let through as a
+    transient storage failure, to be retried forever instead of quarantined."""
+    path = write_zip(tmp_path / "bz.zip", make_case(rng).members, rng)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.infolist()[3]
+    central = data.find(b"PK\x01\x02")
+    for _ in range(3):
+        central = data.find(b"PK\x01\x02", central + 4)
+    for at in (info.header_offset + 8, central + 10):  # compression method: local, central
+        data[at: at + 2] = zipfile.ZIP_BZIP2.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    assert reason(path) == "corrupt zip: bad member #3"
