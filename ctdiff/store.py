@@ -11,13 +11,20 @@ Two levels so that changing the in-plane resolution re-runs only the resize, nev
 decode. When the resize is the identity, `cases/<id>` holds only the entry and reads fall
 through to `native/<id>`, so the native grid is stored once. Every case group is written in
 `.staging/` and renamed into place, so a case killed half-way is simply absent and redone.
+Writers may race (Dask re-runs a task on a second worker while the first still runs, or a new
+run starts beside the stragglers of an old one); see `_write_group` for why none of that serves
+half a case. A store that refuses writes (read-only, full) raises `UnwritableError`.
 Nothing patient-identifying is written: ids come from file names, geometry is numbers.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,46 @@ from ctdiff.atomic import replace_dir
 from ctdiff.volume import Kind, Volume
 
 STORE_FORMAT = 1
+_WRITER = ".writer"  # in a staged group while its writer fills it; see _write_group
+
+# What a filesystem answers to writes that no retry will change.
+_REFUSALS = {
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+class UnwritableError(RuntimeError):
+    """A folder that ctdiff must write refuses it (read-only, full, forbidden). Neither the cases'
+    fault nor transient: the run stops with this one-line message, which names the folder."""
+
+
+def write_refusal(error: BaseException) -> str | None:
+    """What is wrong, in words, when `error` is a filesystem refusing a write; else None."""
+    return _REFUSALS.get(error.errno) if isinstance(error, OSError) else None
+
+
+def require_writable(folder: str | Path, what: str) -> None:
+    """Raise UnwritableError ("cannot write <what> <folder>: <why>") unless a page can be written
+    in `folder`, or in the nearest folder above it when it does not exist yet; creates nothing."""
+    existing = next(p for p in (Path(folder).absolute(), *Path(folder).absolute().parents) if p.exists())
+    probe = existing / f".ctdiff-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(probe, "xb") as file:
+            file.write(bytes(4096))  # a filesystem with no room left refuses a page
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        reason = write_refusal(error) or (None if existing.is_dir() else f"{existing} is not a folder")
+        if reason is None:
+            raise
+        raise UnwritableError(f"cannot write {what} {folder}: {reason}") from None
+    finally:
+        if probe.exists():
+            probe.unlink()
 
 
 class CaseStore:
@@ -96,15 +143,30 @@ class CaseStore:
     # -- writing ---------------------------------------------------------------------------
 
     def create(self) -> None:
-        """Create the root group if needed and clear staging left by killed writers."""
-        if not self.exists():
-            root = zarr.open_group(self.path, mode="a", zarr_format=3)
-            root.attrs.update({"format": STORE_FORMAT})
-        shutil.rmtree(self.path / ".staging", ignore_errors=True)
+        """Create the root group if needed, check that the store can be written, and clear
+        staging left by killed writers."""
+        require_writable(self.path, "the case store")
+        with self._refusals():
+            if not self.exists():
+                root = zarr.open_group(self.path, mode="a", zarr_format=3)
+                root.attrs.update({"format": STORE_FORMAT})
+            self.clear_staging()
+
+    def clear_staging(self) -> None:
+        """Remove what killed writers left in `.staging/`. Each group is renamed away before it is
+        deleted, so a writer still filling it finds its group gone and does not move it in."""
+        with self._refusals():
+            for staged in sorted((self.path / ".staging").glob("*")):
+                self._discard(staged)
 
     def write_native(
         self, case_id: str, volumes: dict[Kind, Volume], key: str, attrs: dict, chunk_slices: int, level: int
     ) -> None:
+        """Write a case's decoded arrays. New arrays (a new key) first withdraw the case made from
+        the old ones: a run killed in between leaves the case absent, not an old entry over them."""
+        if self.native_key(case_id) != key:
+            with self._refusals():
+                self._discard(self.path / "cases" / case_id)
         self._write_group("native", case_id, volumes, {"key": key, **attrs}, chunk_slices, level)
 
     def write_case(
@@ -139,12 +201,69 @@ class CaseStore:
     def _write_group(
         self, level_name: str, case_id: str, volumes: dict[Kind, Volume], attrs: dict, chunk_slices: int, level: int
     ) -> None:
+        """Write a group in staging, then move it onto `<level_name>/<case_id>`.
+
+        Zarr recreates missing folders as it writes, so a writer whose staged group was cleared
+        under it (`clear_staging` of a new run) would go on to fill a new one with the rest of
+        the case only: the `_WRITER` mark, made first, is then missing and the write fails.
+        A failed write removes its staged group (a full disk gets its space back).
+        """
         staging = self.path / ".staging" / f"{level_name}-{case_id}-{uuid.uuid4().hex[:8]}"
-        group = zarr.open_group(staging, mode="w", zarr_format=3)
-        for kind, volume in volumes.items():
-            _write_volume(group, kind, volume, chunk_slices, level)
-        group.attrs.update(attrs)  # last: staging content is complete from here on
-        replace_dir(staging, self.path / level_name / case_id)
+        with self._refusals():
+            try:
+                group = zarr.open_group(staging, mode="w", zarr_format=3)
+                (staging / _WRITER).touch()
+                for kind, volume in volumes.items():
+                    _write_volume(group, kind, volume, chunk_slices, level)
+                group.attrs.update(attrs)  # last: staging content is complete from here on
+                (staging / _WRITER).unlink()  # FileNotFoundError: cleared under us, not moved in
+                self._move_in(staging, self.path / level_name / case_id, attrs["key"])
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+
+    def _move_in(self, staging: Path, target: Path, key: str) -> None:
+        """Rename a staged group onto `target`. Another writer of the same output may get there
+        first (the same task run twice at once): under an equal key, the group in place is kept,
+        never swapped under a reader, and ours dropped; a lost rename race is tried again."""
+        for attempt in range(3):
+            if key and self._key_at(target) == key:
+                shutil.rmtree(staging)
+                return
+            try:
+                replace_dir(staging, target)
+                return
+            except OSError as error:  # ENOTEMPTY / ENOENT: the other writer's rename came between
+                if attempt == 2 or error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    raise
+
+    def _key_at(self, path: Path) -> str | None:
+        try:
+            group = self._open(path)
+        except FileNotFoundError:  # renamed away between the check and the read
+            return None
+        return None if group is None else group.attrs.get("key")
+
+    def _discard(self, path: Path) -> None:
+        """Remove a group at once for readers (renamed into staging), then delete it."""
+        trash = self.path / ".staging" / f"discarded-{uuid.uuid4().hex[:8]}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:  # not there, or moved in or away by another writer
+            return
+        shutil.rmtree(trash)
+
+    @contextmanager
+    def _refusals(self) -> Iterator[None]:
+        """The filesystem's refusals (read-only, full, forbidden) raised as UnwritableError."""
+        try:
+            yield
+        except OSError as error:
+            reason = write_refusal(error)
+            if reason is None:
+                raise
+            raise UnwritableError(f"cannot write the case store {self.path}: {reason}") from error
 
 
 def _write_volume(group: zarr.Group, kind: str, volume: Volume, chunk_slices: int, level: int) -> None:

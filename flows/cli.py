@@ -225,6 +225,17 @@ def check_pretrained(config: Config) -> None:
         raise ConfigError(f"vae.pretrained: {error}") from None
 
 
+def require_writable_paths(config: Config) -> None:
+    """Refuse, before any flow starts, a case store or work folder that is read-only or full."""
+    from ctdiff.store import UnwritableError, require_writable
+
+    try:
+        require_writable(config.paths.store, "the case store")
+        require_writable(config.paths.work, "the work folder")
+    except UnwritableError as error:
+        raise ConfigError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -243,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"using the cases already in {input_dir}")
         if args.command in ("preprocess", "pipeline", "demo"):
             require_input(config)
+            require_writable_paths(config)
         if args.command in ("train-vae", "pipeline", "demo") and config.vae.pretrained is not None:
             check_pretrained(config)
     except ConfigError as error:
@@ -254,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:  # a setting or input to change: a usage error, as for a bad key
         print(f"ctdiff: {name}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError, OSError) as error:
         # The flow run's log above holds the details; end with one line, not a traceback.
         print(f"ctdiff: {name} failed: {error}", file=sys.stderr)
         return 1

@@ -7,7 +7,9 @@ from prefect.futures import as_completed
 
 from ctdiff.config import Config, load_config, require_input
 from ctdiff.layout import WorkLayout
+from ctdiff.store import UnwritableError, write_refusal
 from tasks.preprocess import (
+    clear_staging,
     create_store,
     decode_case,
     discover,
@@ -18,12 +20,14 @@ from tasks.preprocess import (
     write_splits,
 )
 from tasks.progress import Progress
-from tasks.runners import dask_task_runner
+from tasks.runners import dask_task_runner, failure_reason
 
 
 @flow(name="ingest-cases")
 def ingest_cases(refs: list[dict], store_path: str, config: Config) -> None:
-    """Decode then resize every case on the task runner; a failed case is quarantined."""
+    """Decode then resize every case on the task runner. A case whose step fails after its
+    retries, or whose Dask workers keep dying under it, is quarantined with the reason; a store
+    that refuses writes (read-only, full) stops the run, the cases not being to blame."""
     cfg = config.preprocess
     args = {"store_path": store_path, "chunk_slices": cfg.chunk_slices, "level": cfg.compression_level}
     retry = {"retries": cfg.retries, "retry_delay_seconds": cfg.retry_delay_s}
@@ -34,24 +38,32 @@ def ingest_cases(refs: list[dict], store_path: str, config: Config) -> None:
     with Progress(len(refs), "case", "preprocess") as progress:
         for future in as_completed(list(decodes)):
             ref = decodes[future]
-            if future.state.is_failed():
-                quarantine_case(ref, store_path, _failure_reason(future))
+            summary, error = _outcome(future)
+            if error is not None:
+                quarantine_case(ref, store_path, failure_reason(error))
                 progress.advance(quarantined=ref["id"])
-            elif future.result()["status"] == "quarantined":
+            elif summary["status"] == "quarantined":
                 progress.advance(quarantined=ref["id"])
             else:
                 resizes[resizer.submit(ref, resolution=cfg.resolution, **args)] = ref
         for future in as_completed(list(resizes)):
             ref = resizes[future]
-            if future.state.is_failed():
-                quarantine_case(ref, store_path, _failure_reason(future))
+            _, error = _outcome(future)
+            if error is not None:
+                quarantine_case(ref, store_path, failure_reason(error))
             progress.advance(case=ref["id"])
 
 
-def _failure_reason(future) -> str:
-    error = future.state.result(raise_on_failure=False)
-    detail = getattr(error, "strerror", None) or type(error).__name__
-    return f"failed after retries: {detail}"
+def _outcome(future) -> tuple[dict | None, Exception | None]:
+    """A finished case step's summary, or what it failed with: its own error after its retries,
+    or Dask's KilledWorker (the task's state in Prefect then still reads Running). A store that
+    refuses writes is raised: every other case would fail the same way."""
+    try:
+        return future.result(), None
+    except Exception as error:  # noqa: BLE001 - the case is quarantined with it, or the run stops
+        if isinstance(error, UnwritableError) or write_refusal(error):
+            raise
+        return None, error
 
 
 @flow(name="preprocess")
@@ -69,7 +81,10 @@ def preprocess(config: str | None = None, overrides: list[str] | None = None) ->
     if not refs:
         raise ValueError(f"no cases (ZIPs or DICOM folders) in {input_dir}")
     create_store(store_path)
-    ingest_cases.with_options(task_runner=dask_task_runner(cfg.preprocess.dask))(refs, store_path, cfg)
+    try:
+        ingest_cases.with_options(task_runner=dask_task_runner(cfg.preprocess.dask))(refs, store_path, cfg)
+    finally:
+        clear_staging(store_path)  # what killed workers, or those stopped with the run, left half-written
     split = cfg.preprocess.split
     manifest = write_splits(store_path, {"train": split.train, "val": split.val, "test": split.test}, split.seed)
     summary = report_manifest(manifest, store_path)

@@ -60,6 +60,11 @@ def create_store(store_path: str) -> None:
     CaseStore(store_path).create()
 
 
+@task(name="clear-staging")
+def clear_staging(store_path: str) -> None:
+    CaseStore(store_path).clear_staging()
+
+
 def _case_step(step: str) -> dict[str, Any]:
     """Options shared by the per-case steps: run name, store-backed cache, transient retries."""
     return {

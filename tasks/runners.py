@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import dask
+from distributed import KilledWorker
 
 from prefect.client.orchestration import get_client
 from prefect_dask import DaskTaskRunner
@@ -47,6 +48,10 @@ def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
             cluster_kwargs={"custom_cluster_spec": kube_cluster_spec(config, dict(os.environ)),
                             "namespace": _pod_namespace(), "shutdown_on_close": True},
         )
+    # A worker that dies (killed, out of memory) gets the tasks it held counted against them
+    # (distributed.scheduler.allowed-failures, then KilledWorker): hold only the running case,
+    # none queued behind it, so that only that case is blamed.
+    dask.config.set({"distributed.scheduler.worker-saturation": 1.0})
     # Worker processes must report to the API this flow run uses: without PREFECT_API_URL that
     # is an embedded server they would not know of, and each would start its own.
     with get_client(sync_client=True) as client:
@@ -62,6 +67,15 @@ def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
             "env": {"PREFECT_API_URL": api_url},
         }
     )
+
+
+def failure_reason(error: BaseException) -> str:
+    """The quarantine reason of a per-case task that failed after its retries, or that Dask gave
+    up on because every worker running it died (KilledWorker: usually out of memory)."""
+    if isinstance(error, KilledWorker):
+        return f"its Dask worker died {error.allowed_failures + 1} times while running it (out of memory?)"
+    detail = getattr(error, "strerror", None) or type(error).__name__
+    return f"failed after retries: {detail}"
 
 
 # Where the ctdiff pool templates (deployments/*-job-template.json) mount the shared volume and

@@ -21,25 +21,30 @@ from prefect.context import TaskRunContext
 
 from ctdiff.fingerprint import settings_digest
 from ctdiff.pretrained import WeightsMismatch
+from ctdiff.store import write_refusal
 
 
 def is_transient(task, task_run, state) -> bool:
-    """Retry I/O failures (network filesystems, evicted volumes); bad data is quarantined."""
+    """Retry I/O failures (network filesystems, evicted volumes); bad data is quarantined. A
+    read-only, full or forbidden filesystem stays so on a retry: that fails at once."""
     try:
         state.result()
-    except OSError:
-        return True
+    except OSError as error:
+        return write_refusal(error) is None
     except Exception:  # noqa: BLE001 - anything else is not worth retrying
         return False
     return False
 
 
 def retry_training(task, task_run, state) -> bool:
-    """Retry crashes (lost GPU, OOM kill, I/O); a bad setting fails the same way every time."""
+    """Retry crashes (lost GPU, OOM kill, I/O); a bad setting, or a read-only, full or forbidden
+    filesystem, fails the same way every time."""
     try:
         state.result()
     except (ValueError, WeightsMismatch):
         return False
+    except OSError as error:
+        return write_refusal(error) is None
     except Exception:  # noqa: BLE001 - anything else may pass on a second try, which resumes
         return True
     return False
