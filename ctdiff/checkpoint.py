@@ -8,27 +8,23 @@ trained with, so a checkpoint alone is enough to rebuild its model.
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ctdiff.atomic import atomic_path
 from ctdiff.autoencoder import CtAutoencoder
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    """Write to a temporary file beside `path`, fsync it, rename it onto `path` and fsync the
+    folder: a killed process (or a power loss) leaves the old checkpoint or the new one, never
+    half of one. A temporary file left by a kill is removed when training starts again
+    (ctdiff.training_loop.Trainer)."""
+    with atomic_path(path, durable=True) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -114,6 +114,9 @@ class TrainVaeConfig(_Section):
     adversarial_start: int = Field(2000, ge=0)  # steps of plain reconstruction before the GAN joins
     val_every: int = Field(500, ge=1)
     val_cases: int = Field(4, ge=1)  # val-split cases reconstructed for PSNR/SSIM
+    # Validation picks best.pt, so it must not see the training cases; `train` is an explicit
+    # opt-in (e.g. too few cases for a val split), recorded in every checkpoint's "data".
+    validate_on: Literal["val", "train"] = "val"
     checkpoint_every: int = Field(500, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
@@ -122,6 +125,9 @@ class TrainVaeConfig(_Section):
     grad_checkpointing: bool | None = None  # null: on for CUDA, off on CPU
     # DDP processes, started with torchrun (ctdiff.distributed); null = one per visible GPU, 1 on CPU
     processes: int | None = Field(None, ge=1)
+    # How long DDP ranks wait at a barrier (rank 0 validates whole cases meanwhile) or for each
+    # other's gradients before the run fails instead of hanging; NCCL's own default is 10 min.
+    ddp_timeout_min: float = Field(30.0, gt=0)
 
 
 class EncodeConfig(_Section):
@@ -156,12 +162,18 @@ class TrainDiffusionConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     val_every: int = Field(1000, ge=1)
     val_cases: int = Field(2, ge=1)  # val-split cases sampled in full for PSNR/SSIM
+    # Validation picks best.pt, so it must not see the training cases; `train` is an explicit
+    # opt-in (e.g. too few cases for a val split), recorded in every checkpoint's "data".
+    validate_on: Literal["val", "train"] = "val"
     checkpoint_every: int = Field(500, ge=1)
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     # DDP processes, started with torchrun (ctdiff.distributed); null = one per visible GPU, 1 on CPU
     processes: int | None = Field(None, ge=1)
+    # How long DDP ranks wait at a barrier (rank 0 validates whole cases meanwhile) or for each
+    # other's gradients before the run fails instead of hanging; NCCL's own default is 10 min.
+    ddp_timeout_min: float = Field(30.0, gt=0)
 
 
 class EvaluateConfig(_Section):

@@ -8,8 +8,9 @@ checkpoints, runs
 
 whose ranks each run `ctdiff.train_vae.train_vae` or `ctdiff.train_diffusion.train_diffusion`
 (DDP under torchrun's WORLD_SIZE; NCCL on GPUs, gloo on the CPU), relays rank 0's progress to
-the caller and returns rank 0's summary. A rank that dies fails the launch with a RuntimeError,
-so the calling task's retry resumes from `last.pt` like a single-process run would.
+the caller and returns rank 0's summary. A rank that dies, or waits for the others longer than
+`ddp_timeout_min`, fails the launch with a RuntimeError, so the calling task's retry resumes from
+`last.pt` like a single-process run would.
 """
 
 from __future__ import annotations
@@ -87,8 +88,14 @@ def train(
 ) -> dict:
     """Train `kind` (see `launch_training` for `data`) in this process, or on DDP ranks when
     `training_processes` asks for more than one; returns the training's summary."""
-    processes = training_processes(config.train_vae if kind == "vae" else config.train_diffusion)
+    section = config.train_vae if kind == "vae" else config.train_diffusion
+    processes = training_processes(section)
     if processes > 1:
+        from ctdiff.store import CaseStore
+        from ctdiff.training_loop import training_cases
+
+        store = CaseStore(data["store"])  # an empty val split: a ValueError here, not a crash of every rank
+        training_cases(store, store.ids(split="train"), section, f"train_{kind}")
         return launch_training(kind, config, out_dir, processes, data, progress)
     return _run(kind, config, Path(out_dir), data, progress)
 

@@ -1,8 +1,8 @@
 """What a diffusion checkpoint was trained with and on, and the checks that follow from it.
 
 A checkpoint is only scored on cases it never trained on, in the window it was trained in, on a
-store preprocessed at the in-plane resolution it was trained at; `ctdiff infer` resizes its
-input to that resolution. The training cases are those of the diffusion model and of its VAE
+store whose cases have the in-plane size of those it trained on; `ctdiff infer` resizes its
+input to that size. The training cases are those of the diffusion model and of its VAE
 (the `data` record every checkpoint carries); checkpoints from before that record have unknown
 training cases, which the report says.
 """
@@ -25,7 +25,7 @@ class Provenance:
 
     path: str
     window: tuple[float, float]  # (center_hu, width_hu) of its config
-    resolution: int | None  # preprocess.resolution it was trained at (None: native grids)
+    inplane_px: tuple[int, int] | None  # (H, W) of its training cases (`trained_inplane_px`)
     base: str  # diffusion.base
     vae_digest: str | None  # the VAE's weights (ctdiff.checkpoint.checkpoint_digest)
     train_ids: frozenset[str] | None  # diffusion and VAE training cases; None: not recorded
@@ -45,7 +45,7 @@ class Provenance:
         return cls(
             path=str(path),
             window=(float(preprocess["window"]["center_hu"]), float(preprocess["window"]["width_hu"])),
-            resolution=preprocess.get("resolution"),
+            inplane_px=trained_inplane_px(payload),
             base=(payload.get("formulation") or {"base": "none"})["base"],
             vae_digest=payload.get("vae", {}).get("digest"),
             train_ids=frozenset().union(*(r["train_ids"] for r in records)) if known else None,
@@ -63,12 +63,23 @@ class Provenance:
             )
 
     def check_case(self, case_id: str, volume: Volume) -> None:
-        """UsageError when a stored case is not at the in-plane resolution this model was trained at."""
-        if self.resolution is not None and volume.shape[1:] != (self.resolution, self.resolution):
+        """UsageError when a stored case is not of the in-plane size this model trained on."""
+        if self.inplane_px is not None and tuple(volume.shape[1:]) != self.inplane_px:
+            height, width = self.inplane_px
             raise UsageError(
                 f"case {case_id} is stored at {volume.shape[2]}x{volume.shape[1]} px, but {self.path} was "
-                f"trained at preprocess.resolution={self.resolution}; preprocess a store at that resolution"
+                f"trained on {width}x{height} px cases; preprocess a store at preprocess.resolution={width}"
             )
+
+
+def trained_inplane_px(payload: dict[str, Any]) -> tuple[int, int] | None:
+    """(H, W) of the cases a diffusion checkpoint trained on: recorded with its cases, else (for
+    a checkpoint from before that record) its config's `preprocess.resolution`; None if unknown."""
+    recorded = (payload.get("data") or {}).get("inplane_px")
+    if recorded is not None:
+        return int(recorded[0]), int(recorded[1])
+    resolution = payload["config"]["preprocess"].get("resolution")
+    return None if resolution is None else (int(resolution), int(resolution))
 
 
 def common_window(provenances: list[Provenance]) -> tuple[float, float]:

@@ -34,6 +34,7 @@ from ctdiff.checkpoint import checkpoint_digest, load_checkpoint, load_vae
 from ctdiff.config import Config
 from ctdiff.diffusion import build_unet, condition, get_preset, latent_z
 from ctdiff.latents import decode_latents, encode_volume
+from ctdiff.provenance import trained_inplane_px
 from ctdiff.residual import base_condition, base_volume, compose, is_residual, vae_base
 from ctdiff.samplers import StepProgress, make_sampler
 from ctdiff.slab import project_to_slabs
@@ -64,6 +65,7 @@ class ThinSliceModel:
         self.device = torch.device(device)
         self.path, self.digest = path, digest
         self.vae_digest: str | None = None  # the VAE's weights, when loaded from a checkpoint
+        self.inplane_px: tuple[int, int] | None = None  # (H, W) of its training cases, when known
         window = config.preprocess.window
         self.window = (window.center_hu, window.width_hu)
         self.base = config.diffusion.base
@@ -74,8 +76,10 @@ class ThinSliceModel:
 
     @property
     def resolution(self) -> int | None:
-        """The in-plane size it was trained at (`preprocess.resolution`); None: native grids."""
-        return self.config.preprocess.resolution
+        """The square in-plane size of the cases it trained on (ctdiff.provenance), which
+        inference resizes its input to; None: unknown or not square (inputs are used as they are)."""
+        size = self.inplane_px
+        return size[0] if size is not None and size[0] == size[1] else None
 
     @property
     def sampler_name(self) -> str:
@@ -114,6 +118,7 @@ class ThinSliceModel:
             payload["thick_mm"], payload["thin_mm"], device, path, checkpoint_digest(path),
         )
         model.vae_digest = payload["vae"]["digest"]
+        model.inplane_px = trained_inplane_px(payload)
         return model
 
     def _model_fn(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -7,20 +7,16 @@ minimiser is the median) teaches the decoder to output zero, while the squared e
 PSNR measures. Validation then scores the VAE ceiling of the formulation: base + decoded
 residual of the true residual, against the true thin volume.
 
-Resume is exact: `last.pt` holds the weights, optimiser states, step, history and every random
-generator the loop draws from (torch's, CUDA's and the patch sampler's), so a run killed after
-a checkpoint and started again reaches bit-identical weights to one that never stopped (CPU,
-single process). Validation uses the posterior mean and draws nothing random.
-
-Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP, each rank samples its own
-patches, and only rank 0 validates and writes; there, resume re-seeds each rank from
-(seed, rank, step) instead, since only one set of generator states is saved.
+The loop itself (cadence, best/last checkpoints, exact resume, DDP ranks) is
+ctdiff.training_loop's `Trainer`; this module brings the model, its step, its validation and
+its generators (torch's, CUDA's and the patch sampler's). Validation uses the posterior mean and
+draws nothing random. Under torchrun the model and discriminator are wrapped in DDP and each
+rank samples its own patches.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +26,16 @@ from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
 from ctdiff.autoencoder import CtAutoencoder, kl_loss
-from ctdiff.checkpoint import load_checkpoint, save_checkpoint
 from ctdiff.config import Config, TrainVaeConfig
 from ctdiff.latents import decode_latents, encode_volume
 from ctdiff.metrics import score
 from ctdiff.residual import RESIDUAL_GAIN, Base, base_volume, compose, is_residual, residual_target, vae_base
 from ctdiff.patches import PatchSampler
-from ctdiff.plots import plot_training_curves
 from ctdiff.pretrained import load_pretrained
 from ctdiff.store import CaseStore
-from ctdiff.training_loop import Distributed, Progress, StepReporter, autocast_context, setup_distributed
+from ctdiff.training_loop import (
+    Distributed, Progress, Trainer, autocast_context, numpy_rng, setup_distributed, torch_rngs, training_cases,
+)
 
 
 def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progress | None = None) -> dict:
@@ -49,131 +45,99 @@ def train_vae(store: CaseStore, out_dir: Path, config: Config, progress: Progres
     {step, best_val_psnr, last, best, loss_plot (paths as str), pretrained (load report summary),
     resumed_from (the step of the last.pt found, or None)}.
     """
-    tc, vc = config.train_vae, config.vae
-    base = config.diffusion.base
-    out_dir = Path(out_dir)
-    paths = {"last": out_dir / "last.pt", "best": out_dir / "best.pt", "loss_plot": out_dir / "loss.png"}
-    resume = load_checkpoint(paths["last"]) if paths["last"].is_file() else None
-    if resume is not None:
-        if resume.get("kind") != "vae" or resume.get("preset") != vc.preset:
-            raise ValueError(
-                f"{paths['last']} holds a {resume.get('preset')!r} {resume.get('kind')} checkpoint, but "
-                f"vae.preset is {vc.preset!r}; use another paths.work or delete that checkpoint"
-            )
-        if vae_base(resume) != base:
-            raise ValueError(
-                f"{paths['last']} holds a VAE of base {vae_base(resume)!r}, but diffusion.base is {base!r}; "
-                "use another paths.work or delete that checkpoint"
-            )
-        if resume["step"] >= tc.steps:  # finished already: nothing to do
-            return _summary(paths, resume["step"], resume["best_val_psnr"], None, resume["step"])
+    tc = config.train_vae
+    trainer = Trainer(out_dir, config, tc)
+    if trainer.resume is not None:
+        _check_resumable(trainer.resume, trainer.paths["last"], config)
+    if trainer.finished:
+        return {**trainer.summary(), "pretrained": None}
+    cases = training_cases(store, store.ids(split="train"), tc, "train_vae")
+    dist, device = setup_distributed(tc)
+    run = _VaeRun(store, config, cases, dist, device, pretrained=trainer.resume is None)
+    return {**trainer.run(run, dist, cases, progress), "pretrained": run.pretrained}
 
-    dist, device = setup_distributed(tc.device)
-    model = _build_model(config, device)
-    fz, fy, fx = model.factors
-    if tc.patch_slices % fz or tc.patch_size % fy or tc.patch_size % fx:
-        raise ValueError(
-            f"train_vae.patch_slices={tc.patch_slices} and patch_size={tc.patch_size} must be multiples of "
-            f"{fz} and {fy} for vae.preset={vc.preset}"
+
+class _VaeRun:
+    """The VAE (and its discriminator) as `Trainer` trains it: one `TrainingRun`."""
+
+    def __init__(
+        self, store: CaseStore, config: Config, cases: dict, dist: Distributed, device: torch.device, pretrained: bool
+    ):
+        tc, vc = config.train_vae, config.vae
+        self.store, self.config, self.device, self.base = store, config, device, config.diffusion.base
+        self.val_ids, self.title = cases["val_ids"], f"VAE {vc.preset}"
+        self.model = _build_model(config, device)
+        fz, fy, fx = self.model.factors
+        if tc.patch_slices % fz or tc.patch_size % fy or tc.patch_size % fx:
+            raise ValueError(
+                f"train_vae.patch_slices={tc.patch_slices} and patch_size={tc.patch_size} must be multiples of "
+                f"{fz} and {fy} for vae.preset={vc.preset}"
+            )
+        self.pretrained = None  # a resumed run has its own weights
+        if pretrained and vc.pretrained is not None:
+            self.pretrained = load_pretrained(self.model.net, vc.pretrained, vc.allow_partial).summary()
+        self.model.to(device)
+        self.disc = None
+        if tc.adversarial_weight > 0:  # own seed: turning the GAN on leaves the VAE's noise draws as they were
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(tc.seed + 1)
+                self.disc = _build_discriminator(vc.preset, self.model.preset.kind).to(device)
+        self.opt = torch.optim.AdamW(self.model.net.parameters(), lr=tc.lr)
+        self.disc_opt = None
+        if self.disc is not None:
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=tc.lr, betas=(0.5, 0.999))
+        self.window = (config.preprocess.window.center_hu, config.preprocess.window.width_hu)
+        self.sampler = PatchSampler(
+            store, cases["train_ids"], self.window, tc.patch_slices, tc.patch_size,
+            rng=np.random.default_rng([tc.seed, 0]), base=self.base,  # DDP ranks: re-seeded by the Trainer
         )
-    pretrained = None
-    if resume is None and vc.pretrained is not None:
-        pretrained = load_pretrained(model.net, vc.pretrained, vc.allow_partial).summary()
-    model.to(device)
-    disc = None
-    if tc.adversarial_weight > 0:  # own seed: turning the GAN on leaves the VAE's noise draws as they were
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(tc.seed + 1)
-            disc = _build_discriminator(vc.preset, model.preset.kind).to(device)
-    opt = torch.optim.AdamW(model.net.parameters(), lr=tc.lr)
-    disc_opt = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(0.5, 0.999)) if disc is not None else None
-    window = (config.preprocess.window.center_hu, config.preprocess.window.width_hu)
-    sampler = PatchSampler(
-        store, store.ids(split="train"), window, tc.patch_slices, tc.patch_size,
-        rng=np.random.default_rng([tc.seed, dist.rank]),  # one stream per rank
-        base=base,
-    )
-    step, best_psnr, history, resumed_from, latest_psnr = 0, -math.inf, [], None, None
-    if resume is not None:
-        model.net.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        if disc is not None and resume.get("discriminator") is not None:
-            disc.load_state_dict(resume["discriminator"])
-            disc_opt.load_state_dict(resume["disc_optimizer"])
-        step, best_psnr, history = resume["step"], resume["best_val_psnr"], resume["history"]
-        resumed_from = step
-        latest_psnr = next((r["val_psnr"] for r in reversed(history) if r["val_psnr"] is not None), None)
-        _restore_rng(resume["rng"], sampler, dist, tc.seed, step)
-    elif dist.enabled:
-        torch.manual_seed(tc.seed * 1000 + dist.rank)  # DDP syncs weights; noise differs per rank
-    del resume
+        self.rngs = [*torch_rngs(), numpy_rng("numpy", self.sampler)]
+        self.autocast = autocast_context(device, tc.precision)
+        self.train_model, self.train_disc = dist.wrap(self.model, device), dist.wrap(self.disc, device)
+        self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
 
-    val_ids = (store.ids(split="val") or store.ids(split="train"))[: tc.val_cases]
-    autocast = autocast_context(device, tc.precision)
-    train_model, train_disc = dist.wrap(model, device), dist.wrap(disc, device)
-    reporter = StepReporter(progress if dist.is_main else None, step, tc.steps)
-    adv_loss = PatchAdversarialLoss(criterion="least_squares")
+    def load(self, checkpoint: dict) -> None:
+        self.model.net.load_state_dict(checkpoint["model"])
+        self.opt.load_state_dict(checkpoint["optimizer"])
+        if self.disc is not None and checkpoint.get("discriminator") is not None:
+            self.disc.load_state_dict(checkpoint["discriminator"])
+            self.disc_opt.load_state_dict(checkpoint["disc_optimizer"])
 
-    def save(path: Path) -> None:
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    def train_step(self, step: int) -> dict:
+        tc = self.config.train_vae
+        x = torch.from_numpy(self.sampler.sample(tc.batch_size)).to(self.device)  # (B, 1, D, H, W)
+        discs = (self.disc, self.train_disc) if self.disc is not None and step >= tc.adversarial_start else None
+        return _train_step(self.train_model, discs, self.opt, self.disc_opt, self.adv_loss, x, tc, self.autocast,
+                           squared=is_residual(self.base))
+
+    def validate(self) -> dict:
+        return validate(self.model, self.store, self.val_ids, self.window, self.config.encode.chunk_slices,
+                        self.device, self.autocast, self.base)
+
+    def payload(self) -> dict:
         payload = {
-            "kind": "vae", "preset": vc.preset, "model": model.net.state_dict(),
-            "optimizer": opt.state_dict(), "step": step, "best_val_psnr": best_psnr, "history": history,
-            "rng": {"torch": torch.get_rng_state(), "numpy": sampler.rng_state(), "cuda": cuda_rng},
-            "config": config.model_dump(mode="json"),
-            "target": {"base": base, "residual_gain": RESIDUAL_GAIN if is_residual(base) else None},
+            "kind": "vae", "preset": self.config.vae.preset, "model": self.model.net.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "target": {"base": self.base, "residual_gain": RESIDUAL_GAIN if is_residual(self.base) else None},
         }
-        if disc is not None:
-            payload["discriminator"] = disc.state_dict()
-            payload["disc_optimizer"] = disc_opt.state_dict()
-        save_checkpoint(path, payload)
-
-    def validate_and_save(row: dict, checkpoint: bool) -> None:
-        nonlocal best_psnr, latest_psnr
-        if dist.is_main:
-            row.update(validate(model, store, val_ids, window, config.encode.chunk_slices, device, autocast, base))
-            latest_psnr = row["val_psnr"]
-            if row["val_psnr"] > best_psnr:
-                best_psnr = row["val_psnr"]
-                save(paths["best"])
-            if checkpoint:
-                save(paths["last"])
-                plot_training_curves(history, paths["loss_plot"], title=f"VAE {vc.preset}")
-        dist.barrier()
-
-    while step < tc.steps:
-        x = torch.from_numpy(sampler.sample(tc.batch_size)).to(device)  # (B, 1, D, H, W)
-        use_adv = disc is not None and step >= tc.adversarial_start
-        discs = (disc, train_disc) if use_adv else None
-        row = _train_step(train_model, discs, opt, disc_opt, adv_loss, x, tc, autocast, squared=is_residual(base))
-        step += 1
-        row = {"step": step, **row, "val_psnr": None, "val_ssim": None}
-        history.append(row)
-        do_val = step % tc.val_every == 0 or step == tc.steps
-        do_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
-        if do_val:
-            validate_and_save(row, checkpoint=do_ckpt)
-        elif do_ckpt and dist.is_main:
-            save(paths["last"])
-            plot_training_curves(history, paths["loss_plot"], title=f"VAE {vc.preset}")
-        reporter(step, row["loss"], latest_psnr, force=do_val or do_ckpt)
-
-    if tc.steps == 0:  # adopt the (pretrained) weights as they are, with one validation to show their fit
-        row = {"step": 0, "loss": None, "l1": None, "kl": None, "adv": None, "disc": None}
-        history.append(row)
-        validate_and_save(row, checkpoint=True)
-        reporter(0, None, latest_psnr, force=True)
-    return _summary(paths, step, best_psnr, pretrained, resumed_from)
+        if self.disc is not None:
+            payload["discriminator"] = self.disc.state_dict()
+            payload["disc_optimizer"] = self.disc_opt.state_dict()
+        return payload
 
 
-def _summary(paths: dict, step: int, best_psnr: float, pretrained: str | None, resumed_from: int | None) -> dict:
-    return {
-        "step": step,
-        "best_val_psnr": best_psnr if math.isfinite(best_psnr) else None,
-        **{name: str(path) for name, path in paths.items()},
-        "pretrained": pretrained,
-        "resumed_from": resumed_from,
-    }
+def _check_resumable(resume: dict, path: Path, config: Config) -> None:
+    preset, base = config.vae.preset, config.diffusion.base
+    if resume.get("kind") != "vae" or resume.get("preset") != preset:
+        raise ValueError(
+            f"{path} holds a {resume.get('preset')!r} {resume.get('kind')} checkpoint, but "
+            f"vae.preset is {preset!r}; use another paths.work or delete that checkpoint"
+        )
+    if vae_base(resume) != base:
+        raise ValueError(
+            f"{path} holds a VAE of base {vae_base(resume)!r}, but diffusion.base is {base!r}; "
+            "use another paths.work or delete that checkpoint"
+        )
 
 
 # -- one step ------------------------------------------------------------------------------------
@@ -314,13 +278,3 @@ def _build_model(config: Config, device: torch.device) -> CtAutoencoder:
     checkpointing = device.type == "cuda" if checkpointing is None else checkpointing
     return CtAutoencoder(config.vae.preset, num_splits=config.vae.num_splits, checkpointing=checkpointing)
 
-
-def _restore_rng(saved: dict, sampler: PatchSampler, dist: Distributed, seed: int, step: int) -> None:
-    if dist.enabled:  # one saved state cannot serve every rank: re-seed deterministically
-        sampler.set_rng_state(np.random.default_rng([seed, dist.rank, step]).bit_generator.state)
-        torch.manual_seed(seed * 1000 + dist.rank + step)
-        return
-    torch.set_rng_state(saved["torch"])
-    sampler.set_rng_state(saved["numpy"])
-    if saved.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda"])

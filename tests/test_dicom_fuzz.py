@@ -195,26 +195,26 @@ def _zip_members(rng, base: BaseCase, path: Path, target: int, data: bytes) -> N
 # Each writes the damaged case's ZIP to `path` and says what it did.
 
 
-def _flip_header_bytes(rng, base, path) -> Mutant:
-    target = int(rng.integers(0, len(base.members)))
+def _flip_bytes(rng, base, path, target: int, low: int, high: int, most: int) -> Mutant:
+    """1 to `most` bytes of member `target` in [low, high) XOR-ed with random non-zero values."""
     data = bytearray(base.members[target])
-    offsets = rng.integers(0, _header_end(bytes(data), base.syntax), size=int(rng.integers(1, 5)))
+    offsets = rng.integers(low, high, size=int(rng.integers(1, most)))
     for offset in offsets:
         data[offset] ^= int(rng.integers(1, 256))
     _zip_members(rng, base, path, target, bytes(data))
     return Mutant(target, f"member {target}, bytes {sorted(offsets.tolist())}")
+
+
+def _flip_header_bytes(rng, base, path) -> Mutant:
+    target = int(rng.integers(0, len(base.members)))
+    return _flip_bytes(rng, base, path, target, 0, _header_end(base.members[target], base.syntax), most=5)
 
 
 def _flip_pixel_bytes(rng, base, path) -> Mutant:
     """Bytes flipped in a slice's pixel data: wrong HU if uncompressed, a damaged RLE stream."""
     target = _slice_member(rng, base)
-    data = bytearray(base.members[target])
-    offsets = rng.integers(_header_end(bytes(data), base.syntax), len(data),
-                           size=int(rng.integers(1, 20)))
-    for offset in offsets:
-        data[offset] ^= int(rng.integers(1, 256))
-    _zip_members(rng, base, path, target, bytes(data))
-    return Mutant(target, f"member {target}, bytes {sorted(offsets.tolist())}")
+    data = base.members[target]
+    return _flip_bytes(rng, base, path, target, _header_end(data, base.syntax), len(data), most=20)
 
 
 def _wrong_element_length(rng, base, path) -> Mutant:

@@ -1,13 +1,16 @@
 """Training on two DDP processes under torchrun (gloo, CPU), launched as the training tasks do."""
 
+import shutil
+
 import pytest
 import torch
 
 from ctdiff.autoencoder import CtAutoencoder
 from ctdiff.checkpoint import checkpoint_digest, save_checkpoint
 from ctdiff.config import load_config
-from ctdiff.distributed import launch_training, training_processes
+from ctdiff.distributed import launch_training, train, training_processes
 from ctdiff.latents import LatentStore, compute_scale_factor, encode_case
+from ctdiff.store import CaseStore
 
 WINDOW = (40.0, 400.0)
 
@@ -84,3 +87,11 @@ def test_a_failed_launch_is_a_runtime_error_with_the_ranks_output(vae_store, tmp
     config.vae.pretrained = tmp_path / "missing.pt"
     with pytest.raises(RuntimeError, match="exited with code"):
         launch_training("vae", config, tmp_path / "vae", 2, {"store": str(vae_store.path)})
+
+
+def test_an_empty_val_split_fails_before_any_rank_starts(vae_store, tmp_path):
+    no_val = CaseStore(shutil.copytree(vae_store.path, tmp_path / "no-val.zarr"))
+    no_val.set_splits({case_id: "train" for case_id in no_val.ids()})
+    with pytest.raises(ValueError, match="train_vae.validate_on=train"):
+        train("vae", _vae_config(3), tmp_path / "vae", {"store": str(no_val.path)})
+    assert not (tmp_path / "vae").exists()  # no launch folder: nothing was started

@@ -18,7 +18,7 @@ def _checkpoints(tmp_path, window=(40.0, 400.0), resolution=32, data=True, name=
         "config": {"preprocess": {"window": {"center_hu": window[0], "width_hu": window[1]}, "resolution": resolution}},
         "vae": {"path": str(vae), "relative_path": "vae.pt", "digest": "d" * 32},
         "formulation": {"base": "cubic", "slab_consistency": False},
-        **({"data": {"train_ids": ["a", "c"], "val_ids": ["b"]}} if data else {}),
+        **({"data": {"train_ids": ["a", "c"], "val_ids": ["b"], "inplane_px": [resolution, resolution]}} if data else {}),
     }, diffusion)
     return diffusion
 
@@ -26,7 +26,7 @@ def _checkpoints(tmp_path, window=(40.0, 400.0), resolution=32, data=True, name=
 def test_read_collects_the_training_cases_of_the_model_and_its_vae(tmp_path):
     p = Provenance.read(_checkpoints(tmp_path))
     assert p.train_ids == {"a", "c", "v1"} and p.val_ids == {"b"}
-    assert (p.window, p.resolution, p.base, p.vae_digest) == ((40.0, 400.0), 32, "cubic", "d" * 32)
+    assert (p.window, p.inplane_px, p.base, p.vae_digest) == ((40.0, 400.0), (32, 32), "cubic", "d" * 32)
 
 
 def test_scoring_on_training_cases_is_refused_naming_them(tmp_path):
@@ -42,14 +42,15 @@ def test_unrecorded_training_cases_are_unknown_not_refused(tmp_path):
     p.check_unseen(["a"])
 
 
-def test_a_case_at_another_resolution_is_refused(tmp_path):
-    p = Provenance.read(_checkpoints(tmp_path, resolution=32))
+@pytest.mark.parametrize("data", [True, False])  # recorded sizes, or the config's resolution
+def test_a_case_at_another_resolution_is_refused(tmp_path, data):
+    p = Provenance.read(_checkpoints(tmp_path, resolution=32, data=data))
 
     def volume(size: int) -> Volume:
         return Volume(np.zeros((2, size, size), np.int16), (5.0, 1.0, 1.0), np.array([0.0, 5.0]))
 
     p.check_case("ok", volume(32))
-    with pytest.raises(UsageError, match="case big is stored at 64x64 px.*preprocess.resolution=32"):
+    with pytest.raises(UsageError, match="case big is stored at 64x64 px.*trained on 32x32 px cases"):
         p.check_case("big", volume(64))
 
 

@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,7 @@ import torch
 from ctdiff.autoencoder import CtAutoencoder
 from ctdiff.checkpoint import checkpoint_digest, save_checkpoint
 from ctdiff.config import load_config
+from ctdiff.errors import UsageError
 from ctdiff.interpolate import interpolate_z
 from ctdiff.latents import LatentStore, compute_scale_factor, encode_case
 from ctdiff.store import CaseStore
@@ -83,6 +86,7 @@ def data(tmp_path_factory):
 def _config(*overrides: str):
     return load_config(None, [
         "diffusion.base=none", "diffusion.slab_consistency=false",  # the whole-image formulation
+        "preprocess.resolution=null",  # the cases above are stored at their native 32 px, and infer resizes to this
         "diffusion.preset=tiny", "diffusion.window_slices=8", "diffusion.overlap_slices=2",
         "diffusion.sample_steps=10", "train_diffusion.batch_size=4", "train_diffusion.lr=2e-3",
         "train_diffusion.ema_decay=0.9", "train_diffusion.val_cases=1", *overrides,
@@ -170,6 +174,7 @@ def test_checkpoints_are_plain_and_record_what_inference_needs(data, overfit):
                                      "scale_factor": latents.scale_factor, "vae_preset": "slice-kl-tiny"}
         assert payload["formulation"] == {"base": "none", "slab_consistency": False}
         assert set(payload["rng"]) == {"torch", "noise", "numpy", "cuda"}
+        assert payload["data"] == {"train_ids": ["a"], "val_ids": ["b"], "validate_on": "val", "inplane_px": [32, 32]}
         assert payload["model"].keys() == payload["train_model"].keys()
     history = last["history"]
     best_row = max((r for r in history if r["val_psnr"] is not None), key=lambda r: r["val_psnr"])
@@ -237,6 +242,24 @@ def test_killed_run_resumes_to_identical_weights(data, tmp_path, sampler):
             assert torch.equal(tensor, last_b[part][key]), f"{part}.{key}"
     assert last_a["history"] == last_b["history"]  # losses and val metrics, step by step
     assert [r["step"] for r in last_a["history"] if r["val_psnr"] is not None] == [3, 6, 8]
+
+
+def test_an_empty_val_split_is_an_error_unless_validating_on_train_is_asked_for(data, tmp_path):
+    store, latents, vae_path, _ = data
+    no_val = CaseStore(shutil.copytree(store.path, tmp_path / "no-val.zarr"))
+    no_val.set_splits({"a": "train", "b": "test"})
+    config = _config("train_diffusion.steps=2", "train_diffusion.latent_patch=4", "diffusion.sample_steps=2")
+    with pytest.raises(UsageError, match=r"^no val cases in .*no-val\.zarr: set preprocess\.split .*"
+                                         r"or set train_diffusion\.validate_on=train to validate on training cases$"):
+        train_diffusion(no_val, latents, vae_path, tmp_path / "d", config)
+    assert not (tmp_path / "d").exists()  # refused before training
+
+    config.train_diffusion.validate_on = "train"
+    result = train_diffusion(no_val, latents, vae_path, tmp_path / "d", config)
+    assert result["step"] == 2 and result["best_val_psnr"] is not None
+    for name in ("last", "best"):  # "b" has latents, but it is a test case: windows never draw from it
+        assert _load(result[name])["data"] == {"train_ids": ["a"], "val_ids": ["a"], "validate_on": "train",
+                                               "inplane_px": [32, 32]}
 
 
 def test_unusable_latent_stores_are_clear_errors(data, tmp_path):

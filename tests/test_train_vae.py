@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,7 @@ from monai.apps.generation.maisi.networks.autoencoderkl_maisi import Autoencoder
 from ctdiff.autoencoder import PRESETS, CtAutoencoder
 from ctdiff.checkpoint import load_vae
 from ctdiff.config import load_config
+from ctdiff.errors import UsageError
 from ctdiff.patches import PatchSampler
 from ctdiff.pretrained import WeightsMismatch
 from ctdiff.store import CaseStore
@@ -117,13 +120,15 @@ def test_tiny_vae_overfits_and_val_psnr_improves(store, overfit):
     assert len(reports) >= 20  # at least one per validation
 
 
-def test_checkpoints_are_plain_and_best_is_the_best_step(overfit):
+def test_checkpoints_are_plain_and_best_is_the_best_step(store, overfit):
     result, out, config, _ = overfit
     last, best = _load(result["last"]), _load(result["best"])
     for payload in (last, best):
         assert payload["kind"] == "vae" and payload["preset"] == "slice-kl-tiny"
         assert payload["config"] == config.model_dump(mode="json")
         assert set(payload["rng"]) == {"torch", "numpy", "cuda"}
+        assert payload["data"] == {"train_ids": store.ids(split="train"), "val_ids": store.ids(split="val"),
+                                   "validate_on": "val", "inplane_px": [32, 32]}
     history = last["history"]
     best_row = max((r for r in history if r["val_psnr"] is not None), key=lambda r: r["val_psnr"])
     assert best["step"] == best_row["step"] and best["best_val_psnr"] == best_row["val_psnr"]
@@ -141,6 +146,24 @@ def test_finished_training_is_not_redone(store, overfit):
     assert (out / "last.pt").stat().st_mtime_ns == mtime
     with pytest.raises(ValueError, match="paths.work"):
         train_vae(store, out, _config("train_vae.steps=200", preset="maisi-tiny"))
+
+
+def test_an_empty_val_split_is_an_error_unless_validating_on_train_is_asked_for(store, tmp_path):
+    train_only = CaseStore(shutil.copytree(store.path, tmp_path / "train-only.zarr"))
+    train_only.set_splits({case_id: "train" for case_id in train_only.ids()})
+    config = _config("train_vae.steps=2", "train_vae.val_every=1", "diffusion.base=none")
+    with pytest.raises(UsageError, match=r"^no val cases in .*train-only\.zarr: set preprocess\.split .*"
+                                         r"or set train_vae\.validate_on=train to validate on training cases$"):
+        train_vae(train_only, tmp_path / "vae", config)
+    assert not (tmp_path / "vae").exists()  # refused before training
+
+    config.train_vae.validate_on = "train"
+    result = train_vae(train_only, tmp_path / "vae", config)
+    assert result["step"] == 2 and result["best_val_psnr"] is not None
+    ids = train_only.ids()
+    for name in ("last", "best"):
+        assert _load(result[name])["data"] == {"train_ids": ids, "val_ids": ids, "validate_on": "train",
+                                               "inplane_px": [32, 32]}
 
 
 class _Killed(BaseException):
