@@ -177,7 +177,10 @@ class TrainDiffusionConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    checkpoints: list[str] = []  # diffusion checkpoints to score; empty = the newest under checkpoints/diffusion
+    checkpoints: list[str] = []  # diffusion checkpoints to score; empty = the one `checkpoint` picks
+    # best | last (best.pt / last.pt under checkpoints/diffusion, as infer's) | newest (most
+    # recently written *.pt) | a path. best: the one `ctdiff infer` examples use.
+    checkpoint: str = "best"
     split: Literal["train", "val", "test"] = "test"
     cases: list[str] | None = None  # named cases instead of a split
     seed: int = 0  # sampling noise: the same checkpoint and seed give the same numbers

@@ -24,8 +24,11 @@ from ctdiff.volume import Volume
 
 OutputFormat = Literal["nifti", "dicom"]
 # Single-file formats a user may mean but we do not write; taken as a folder name they would
-# silently become a DICOM folder called "out.nrrd".
-_OTHER_FILE_SUFFIXES = (".gz", ".zip", ".nrrd", ".mha", ".mhd", ".dcm", ".npy", ".npz", ".h5")
+# silently become a DICOM folder called "out.nrrd". A path the user names gets the stricter
+# `check_output_name` (any suffix); this list also holds for a batch's folders named by case ids,
+# which may contain dots.
+_OTHER_FILE_SUFFIXES = (".gz", ".zip", ".nrrd", ".mha", ".mhd", ".dcm", ".npy", ".npz", ".h5", ".txt",
+                        ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".json", ".csv")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")  # longest first: "x.nii.gz" must not match as ".nii"
 # Placed right after the thin series (offset 1000) in a viewer's list of the study's series.
 STD_SERIES = SeriesLabel(
@@ -57,6 +60,19 @@ def read_thick(path: str | Path, limits: ArchiveLimits = ArchiveLimits()) -> Thi
     return ThickInput(series.volume, series.header, "dicom")
 
 
+def check_input(path: str | Path, batch: bool = False) -> None:
+    """Refuse, before a model is loaded, an input `read_thick` (or, with `batch`, a batch) could
+    never read: a missing path, a folder named .nii/.nii.gz, a file of another kind."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no such {'folder' if batch else 'file or folder'} {path}")
+    if batch:
+        if not path.is_dir():
+            raise ValueError(f"{path} is not a folder of cases")
+    elif (not path.is_file()) if is_nifti_path(path) else (path.is_file() and path.suffix.lower() != ".zip"):
+        raise ValueError(f"{path}: give a case ZIP, a DICOM folder or a .nii/.nii.gz file")
+
+
 def output_format(path: str | Path) -> OutputFormat:
     """NIfTI for .nii/.nii.gz, else DICOM into a folder; an unwritable choice is a ValueError."""
     if is_nifti_path(path):
@@ -68,6 +84,19 @@ def output_format(path: str | Path) -> OutputFormat:
         )
     check_series_target(path)
     return "dicom"
+
+
+def check_output_name(path: str | Path) -> None:
+    """Refuse an output a user names with a file suffix we do not write ("out.txt", "out.png"):
+    taken as a folder it would silently become a DICOM folder of that name. Accepted: X.nii,
+    X.nii.gz, or a folder name without a suffix (or a folder that already exists)."""
+    path = Path(path)
+    if is_nifti_path(path) or not path.suffix or path.is_dir():
+        return
+    raise ValueError(
+        f"cannot write {path.name!r}: give OUT.nii or OUT.nii.gz for NIfTI, or a folder name "
+        "without a suffix for a DICOM series"
+    )
 
 
 def std_output_path(path: str | Path) -> Path:

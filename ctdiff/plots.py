@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from ctdiff.atomic import atomic_path  # noqa: E402
 
 _LOSS_KEYS = ("loss", "l1", "kl", "adv", "disc", "mse")  # plotted when a row holds them; others are ignored
-_METRIC_KEYS = (("val_psnr", "val PSNR (dB)"), ("val_ssim", "val SSIM"))
+_METRIC_KEYS = (("val_psnr", "val PSNR (dB)"), ("val_ssim", "val SSIM (unitless, 0–1)"))
 
 
 def _series(history: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -33,14 +33,15 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (cumsum[1:] - cumsum[np.arange(1, len(values) + 1) - counts]) / counts
 
 
-def plot_training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
-    """Loss terms (left, log scale, smoothed) and validation metrics (right) against step.
+def training_curves_figure(history: list[dict], title: str = "") -> plt.Figure:
+    """Loss terms (left, log scale, smoothed), validation PSNR in dB (middle) and validation SSIM
+    (right) against step, each panel with its legend: the two metrics have different units and
+    ranges, so they get panels of their own rather than one axis drawn over the other.
 
     `history` is a list of rows `{"step": int, <key>: float | None, ...}`; a key absent or None
-    in a row is simply not plotted there. Written atomically (temp file + rename).
+    in a row is simply not plotted there.
     """
-    path = Path(path)
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, (ax_loss, *metric_axes) = plt.subplots(1, 1 + len(_METRIC_KEYS), figsize=(14, 4), constrained_layout=True)
     for key in _LOSS_KEYS:
         steps, values = _series(history, key)
         if len(values) and np.any(values > 0):
@@ -50,18 +51,28 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str = "")
         ax_loss.set_yscale("log")
         ax_loss.legend()
     ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (log scale)")
     ax_loss.set_title("training loss")
-    for i, (key, label) in enumerate(_METRIC_KEYS):
+    for i, (ax, (key, label)) in enumerate(zip(metric_axes, _METRIC_KEYS)):
         steps, values = _series(history, key)
-        if not len(values):
-            continue
-        ax = ax_val if i == 0 else ax_val.twinx()
-        ax.plot(steps, values, "o-", color=f"C{i}", label=label)
-        ax.set_ylabel(label, color=f"C{i}")
-    ax_val.set_xlabel("step")
-    ax_val.set_title("validation")
+        if len(values):
+            ax.plot(steps, values, "o-", color=f"C{i}", label=label)
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_title("validation")
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """`training_curves_figure` written atomically (temp file + rename) to `path`."""
+    path = Path(path)
+    fig = training_curves_figure(history, title)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=80)

@@ -14,10 +14,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and pods
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ctdiff.atomic import atomic_path, write_text  # noqa: E402
 from ctdiff.evaluate import MODEL_PREFIX, CaseViews, EvaluationResult, metrics_json  # noqa: E402
+from ctdiff.figures import (  # noqa: E402
+    CORONAL_MAX_WIDTH, axial_extent_mm, central_columns, coronal_extent_mm, show_view,
+)
 from ctdiff.interpolate import METHODS  # noqa: E402
 
 _COLUMNS = ("PSNR all (dB)", "SSIM all", "PSNR in-between (dB)", "SSIM in-between", "histogram W1 in-between (HU)")
@@ -25,7 +29,8 @@ _COLUMNS = ("PSNR all (dB)", "SSIM all", "PSNR in-between (dB)", "SSIM in-betwee
 _VARIANTS = ("_1sample", "_slab", "_no_slab")
 _FEW_CASES = 5  # below this, say that the spread across cases is not to be trusted
 _DPI = 80
-_CORONAL_MAX_WIDTH = 2.0  # coronal views are cropped to at most this many times their z extent
+_AXIAL_LINE = "tab:cyan"  # dashed line on coronal views: where the axial slice lies
+_CORONAL_LINE = "tab:orange"  # dashed line on axial views: where the coronal plane lies
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -211,83 +216,131 @@ def _savefig(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def _central_columns(n_columns: int, dx_mm: float, max_width_mm: float) -> slice:
-    keep = min(n_columns, max(int(round(max_width_mm / dx_mm)), 8))
-    start = (n_columns - keep) // 2
-    return slice(start, start + keep)
+def _cross_lines(views: CaseViews) -> tuple[float, float]:
+    """(y_mm, z_mm): where the coronal plane cuts the axial views and the axial slice the coronal."""
+    dy = views.thin_spacing_mm[1]
+    return (views.row + 0.5) * dy, views.z_mm
 
 
-def case_figure(views: CaseViews, role: str, ranked_by: str, window: tuple[float, float], path: Path) -> Path:
+def _view_extents(views: CaseViews, columns: slice) -> dict[str, tuple[float, float, float, float]]:
+    dz, dy, dx = views.thin_spacing_mm
+    depth = views.coronal["truth"].shape[0]
+    z_mm = views.z_mm + (np.arange(depth) - views.z_index) * dz  # (D_thin,) thin slice centres
+    return {"axial": axial_extent_mm(views.axial["truth"].shape, dy, dx), "coronal": coronal_extent_mm(z_mm, columns, dx)}
+
+
+def _legend_lines(fig: plt.Figure, views: CaseViews) -> None:
+    """Say what the dashed lines are, once, below the panels."""
+    y_mm, z_mm = _cross_lines(views)
+    handles = [
+        Line2D([], [], color=_AXIAL_LINE, ls="--", lw=1, label=f"axial slice shown above (z = {z_mm:.1f} mm)"),
+        Line2D([], [], color=_CORONAL_LINE, ls="--", lw=1, label=f"coronal plane shown below (y = {y_mm:.1f} mm)"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+
+
+def case_views_figure(views: CaseViews, role: str, ranked_by: str, window: tuple[float, float]) -> plt.Figure:
     """Axial (top) and coronal (bottom) views of one case: thick input as its real slabs, truth,
     cubic, the model, and their absolute errors in HU on one shared colour scale per row.
-    Pixels keep their physical aspect, so the coronal row shows the z resolution; a coronal
-    view much wider than deep is cropped to its central part, else the slabs are a few pixels."""
+    Images sit on mm axes at true aspect (the coronal row shows the z resolution) with
+    orientation letters; a coronal view much wider than deep is cropped to its central part,
+    else the slabs are a few pixels. Dashed lines mark where each row's plane cuts the other."""
     center, width = window
     methods = [m for m in views.axial if m not in ("thick", "truth")]  # cubic, then the model
     images = ["thick", "truth", *methods]
     dz, dy, dx = views.thin_spacing_mm
     height, row_width = views.axial["truth"].shape
     depth = views.coronal["truth"].shape[0]
-    columns = _central_columns(row_width, dx, _CORONAL_MAX_WIDTH * depth * dz)
+    columns = central_columns(row_width, dx, CORONAL_MAX_WIDTH * depth * dz)
     coronal = {name: image[:, columns] for name, image in views.coronal.items()}  # (D_thin, W') each
     crop_width = columns.stop - columns.start
+    extents = _view_extents(views, columns)
+    y_mm, z_mm = _cross_lines(views)
     ratios = [height * dy / (row_width * dx), depth * dz / (crop_width * dx)]
     ncols = len(images) + len(methods)
     fig, axes = plt.subplots(
-        2, ncols, figsize=(2.6 * ncols, 2.6 * sum(ratios) + 0.9), squeeze=False,
-        gridspec_kw={"height_ratios": ratios}, constrained_layout=True,
+        2, ncols, figsize=(2.8 * ncols, 2.8 * sum(ratios) + 1.6), squeeze=False,
+        gridspec_kw={"height_ratios": ratios}, layout="constrained",
     )
     titles = {"thick": f"thick input ({views.thick_mm:g} mm)", "truth": f"truth ({dz:g} mm)"}
-    for r, (plane, cut, aspect) in enumerate((("axial", views.axial, dy / dx), ("coronal", coronal, dz / dx))):
-        flip = (lambda a: a[::-1]) if plane == "coronal" else (lambda a: a)  # coronal: head up
+    for r, (plane, cut) in enumerate((("axial", views.axial), ("coronal", coronal))):
         for c, name in enumerate(images):
             ax = axes[r, c]
-            ax.imshow(flip(cut[name]), cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+            show_view(ax, cut[name], plane, extents[plane])
             ax.set_title(f"{titles.get(name, name)}, {plane}", fontsize=9)
-            if plane == "coronal":  # where the axial slice above sits
-                ax.axhline(depth - 1 - views.z_index, color="gold", lw=0.6, ls=":")
+            if plane == "coronal":
+                ax.axhline(z_mm, color=_AXIAL_LINE, lw=0.8, ls="--")
+            else:
+                ax.axhline(y_mm, color=_CORONAL_LINE, lw=0.8, ls="--")
+        axes[r, 0].set_ylabel("y (mm)" if plane == "axial" else "z (mm)", fontsize=8)
+        for ax in axes[r]:
+            ax.set_xlabel("x (mm)", fontsize=8)
         if not methods:
             continue
         errors_hu = [np.abs(cut[m] - cut["truth"]) * width for m in methods]
         vmax = max(float(np.percentile(np.concatenate([e.ravel() for e in errors_hu]), 99.5)), 1.0)
         error_axes = list(axes[r, len(images):])
         for ax, method, error in zip(error_axes, methods, errors_hu):
-            im = ax.imshow(flip(error), cmap="magma", vmin=0, vmax=vmax, aspect=aspect, interpolation="nearest")
+            im = show_view(ax, error, plane, extents[plane], cmap="magma", vmin=0, vmax=vmax)
             ax.set_title(f"|{method} − truth|, {plane}", fontsize=9)
         fig.colorbar(im, ax=error_axes, label="|error| (HU)", shrink=0.9)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
+    _legend_lines(fig, views)
     fig.suptitle(
         f"{role} case {views.case_id}: {ranked_by} PSNR {views.psnr:.2f} dB · axial z = {views.z_mm:.1f} mm "
-        f"({views.offset_mm:.1f} mm from a thick centre) · coronal row {views.row}"
+        f"({views.offset_mm:.1f} mm from a thick centre) · coronal y = {y_mm:.1f} mm"
         + (f", central {crop_width * dx:.0f} mm" if crop_width < row_width else "")
         + f" · window {center:g}/{width:g} HU",
         fontsize=10,
     )
-    return _savefig(fig, path)
+    return fig
+
+
+def case_figure(views: CaseViews, role: str, ranked_by: str, window: tuple[float, float], path: Path) -> Path:
+    """`case_views_figure`, written atomically to `path`."""
+    return _savefig(case_views_figure(views, role, ranked_by, window), path)
+
+
+def uncertainty_views_figure(views: CaseViews, ranked_by: str, window: tuple[float, float]) -> plt.Figure:
+    """The model's per-voxel sample std (HU) beside its absolute error (HU), axial and coronal,
+    for one case, on mm axes at true aspect: where the samples disagree should be where the
+    errors are."""
+    width = window[1]
+    dz, dy, dx = views.thin_spacing_mm
+    height, row_width = views.axial["truth"].shape
+    depth = views.coronal["truth"].shape[0]
+    columns = central_columns(row_width, dx, CORONAL_MAX_WIDTH * depth * dz)
+    extents = _view_extents(views, columns)
+    y_mm, z_mm = _cross_lines(views)
+    panels = [
+        ("axial", views.std["axial"], np.abs(views.axial[ranked_by] - views.axial["truth"])),
+        ("coronal", views.std["coronal"][:, columns],
+         np.abs(views.coronal[ranked_by] - views.coronal["truth"])[:, columns]),
+    ]
+    ratios = [height * dy / (row_width * dx), depth * dz / ((columns.stop - columns.start) * dx)]
+    fig, axes = plt.subplots(2, 2, figsize=(8.0, 3.4 * sum(ratios) + 1.8), gridspec_kw={"height_ratios": ratios},
+                             layout="constrained")
+    vmax = max(float(np.percentile(np.concatenate([p[2].ravel() for p in panels]) * width, 99.5)), 1.0)
+    for r, (plane, std, error) in enumerate(panels):
+        for c, (image, title) in enumerate(((std, f"sample std, {plane}"), (error, f"|{ranked_by} − truth|, {plane}"))):
+            ax = axes[r, c]
+            im = show_view(ax, image * width, plane, extents[plane], cmap="magma", vmin=0, vmax=vmax)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("x (mm)", fontsize=8)
+            if plane == "coronal":
+                ax.axhline(z_mm, color=_AXIAL_LINE, lw=0.8, ls="--")
+            else:
+                ax.axhline(y_mm, color=_CORONAL_LINE, lw=0.8, ls="--")
+        axes[r, 0].set_ylabel("y (mm)" if plane == "axial" else "z (mm)", fontsize=8)
+    fig.colorbar(im, ax=list(axes.ravel()), label="HU", shrink=0.8)
+    _legend_lines(fig, views)
+    fig.suptitle(f"uncertainty of {ranked_by}, case {views.case_id} (axial z = {views.z_mm:.1f} mm, "
+                 f"coronal y = {y_mm:.1f} mm)", fontsize=10)
+    return fig
 
 
 def uncertainty_figure(views: CaseViews, ranked_by: str, window: tuple[float, float], path: Path) -> Path:
-    """The model's per-voxel sample std (HU) beside its absolute error (HU), axial and coronal,
-    for one case: where the samples disagree should be where the errors are."""
-    width = window[1]
-    dz, dy, dx = views.thin_spacing_mm
-    panels = [
-        ("axial", views.std["axial"], np.abs(views.axial[ranked_by] - views.axial["truth"]), dy / dx),
-        ("coronal", views.std["coronal"][::-1], np.abs(views.coronal[ranked_by] - views.coronal["truth"])[::-1], dz / dx),
-    ]
-    fig, axes = plt.subplots(2, 2, figsize=(7.5, 7.0), constrained_layout=True)
-    vmax = max(float(np.percentile(np.concatenate([p[2].ravel() for p in panels]) * width, 99.5)), 1.0)
-    for r, (plane, std, error, aspect) in enumerate(panels):
-        for c, (image, title) in enumerate(((std, f"sample std, {plane}"), (error, f"|{ranked_by} − truth|, {plane}"))):
-            im = axes[r, c].imshow(image * width, cmap="magma", vmin=0, vmax=vmax, aspect=aspect, interpolation="nearest")
-            axes[r, c].set_title(title, fontsize=9)
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-    fig.colorbar(im, ax=list(axes.ravel()), label="HU", shrink=0.8)
-    fig.suptitle(f"uncertainty of {ranked_by}, case {views.case_id} (axial z = {views.z_mm:.1f} mm)", fontsize=10)
-    return _savefig(fig, path)
+    """`uncertainty_views_figure`, written atomically to `path`."""
+    return _savefig(uncertainty_views_figure(views, ranked_by, window), path)
 
 
 def trend_figure(history: list[dict[str, Any]], path: Path) -> Path:

@@ -34,9 +34,17 @@ def _prefect_defaults() -> None:
 
 
 def _add_config_options(parser: argparse.ArgumentParser, default_config: Path | None = None) -> None:
+    if default_config is None:
+        # Not config/default.yaml: that file holds the full-size settings (512 px, ...) and is
+        # read only when named; the built-in values are the small ones of ctdiff/config.py.
+        source = "built into ctdiff/config.py (config/default.yaml, the full-size settings, only with --config)"
+    else:
+        source = str(default_config.relative_to(DEMO_CONFIG.parent.parent))
+    parser.epilog = (f"defaults: {source}; override with --config FILE.yaml (keys it omits keep the "
+                     "built-in values) or --set key=value (applied last)")
     parser.add_argument(
         "--config", type=Path, default=default_config, metavar="FILE.yaml",
-        help=f"YAML config (default: {default_config or 'built-in defaults'})",
+        help=f"YAML config (default: {source if default_config else 'none, built-in values'})",
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -89,6 +97,33 @@ def run_synth(config: Config, out: Path) -> list[Path]:
     paths = synthesize(out, spec)
     print(f"wrote {len(paths)} synthetic cases to {out}")
     return paths
+
+
+def check_infer_args(args: argparse.Namespace) -> None:
+    """Refuse unusable `ctdiff infer` paths with a one-line UsageError naming the option, before
+    the model is loaded (seconds) and long before sampling (minutes)."""
+    from ctdiff.infer_io import check_input, check_output, check_output_name
+
+    def refuse(flag: str, error: Exception) -> None:
+        raise UsageError(f"{flag}: {error}") from None
+
+    if not args.checkpoint.is_file():
+        refuse("--checkpoint", ValueError(f"no such diffusion checkpoint: {args.checkpoint}"))
+    try:
+        check_input(args.input, args.batch)
+    except ValueError as error:
+        refuse("--input", error)
+    try:
+        if args.batch:  # a folder of outputs; each case's path is checked by infer_batch
+            if args.output.suffix and not args.output.is_dir():
+                raise ValueError(f"with --batch, give a folder name without a suffix, not {args.output.name!r}")
+            if args.output.is_file():
+                raise ValueError(f"{args.output} is a file, not a folder")
+        else:
+            check_output_name(args.output)
+            check_output(args.output)
+    except ValueError as error:
+        refuse("--output", error)
 
 
 def run_infer(config: Config, args: argparse.Namespace) -> int:
@@ -245,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             run_synth(config, args.out)
             return 0
         if args.command == "infer":
+            check_infer_args(args)
             return run_infer(config, args)
         if args.command == "demo":
             input_dir = Path(config.paths.input)
@@ -257,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             require_writable_paths(config)
         if args.command in ("train-vae", "pipeline", "demo") and config.vae.pretrained is not None:
             check_pretrained(config)
-    except ConfigError as error:
+    except (ConfigError, UsageError) as error:
         print(f"ctdiff: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     name = "pipeline" if args.command == "demo" else args.command

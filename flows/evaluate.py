@@ -19,7 +19,7 @@ from tasks.evaluate import (
 
 @flow(name="evaluate")
 def evaluate(config: str | None = None, overrides: list[str] | None = None) -> dict:
-    """Score `evaluate.checkpoints` (default: the newest diffusion checkpoint) on the test split.
+    """Score `evaluate.checkpoint` (default best.pt; or `evaluate.checkpoints`) on the test split.
 
     A checkpoint is scored only on cases neither it nor its VAE trained on, in the window it was
     trained in. An evaluation of the same checkpoint weights on the same cases with the same

@@ -22,9 +22,19 @@ CEILING = "vae_ceiling"
 
 
 def checkpoint_paths(config: Config) -> list[str]:
+    """`evaluate.checkpoints` if named, else the one `evaluate.checkpoint` picks: best.pt (the
+    default, as `ctdiff infer` examples use), last.pt, the newest *.pt, or a path."""
     if config.evaluate.checkpoints:
         return [str(Path(p)) for p in config.evaluate.checkpoints]
-    return [str(WorkLayout.of(config).newest_checkpoint("diffusion"))]
+    layout = WorkLayout.of(config)
+    choice = config.evaluate.checkpoint
+    if choice == "newest":
+        return [str(layout.newest_checkpoint("diffusion"))]
+    path = layout.checkpoint("diffusion", choice)
+    if not path.is_file():
+        raise ValueError(f"evaluate.checkpoint: no diffusion checkpoint {path}; run `ctdiff train-diffusion` "
+                         "first, or name one with --set evaluate.checkpoint=last|newest|PATH")
+    return [str(path)]
 
 
 def case_ids(config: Config) -> list[str]:

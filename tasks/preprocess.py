@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Completed, State
 
 from ctdiff import preprocess
 from ctdiff.cases import CaseRef, assign_splits, discover_cases
@@ -77,8 +78,13 @@ def _case_step(step: str) -> dict[str, Any]:
 
 
 @task(**_case_step("decode"))
-def decode_case(ref: dict, store_path: str, chunk_slices: int, level: int) -> dict:
-    return preprocess.decode_case(CaseRef(**ref), CaseStore(store_path), chunk_slices, level)
+def decode_case(ref: dict, store_path: str, chunk_slices: int, level: int) -> dict | State:
+    """The case's summary; a quarantined case ends in a `Quarantined` state (a kind of
+    Completed, so the UI tells it from an ingested one) whose result is still the summary."""
+    summary = preprocess.decode_case(CaseRef(**ref), CaseStore(store_path), chunk_slices, level)
+    if summary["status"] == "quarantined":
+        return Completed(name="Quarantined", message=summary["reason"], data=summary)
+    return summary
 
 
 @task(**_case_step("resize"))

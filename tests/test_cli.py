@@ -43,3 +43,101 @@ def test_synth_writes_category_folders(tmp_path, capsys):
     with zipfile.ZipFile(out / "APE" / "case_000.zip") as zf:
         assert len(zf.namelist()) == (10 + 6) + 10 // 5 + 2  # thin (+ margins), thick, scout, dose SR
     assert "wrote 3 synthetic cases" in capsys.readouterr().out
+
+
+def _one_line(err: str) -> str:
+    err = err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def infer_paths(tmp_path, monkeypatch):
+    """A checkpoint and an input that exist; loading the model is an error: every refusal below
+    must come before it."""
+    from ctdiff.thin_slice import ThinSliceModel
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(ThinSliceModel, "load", no_load)
+    (tmp_path / "model.pt").write_bytes(b"")
+    (tmp_path / "case.zip").write_bytes(b"")
+    (tmp_path / "cases").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["out.txt", "out.png", "out.dcm", "out.zip"])
+def test_infer_refuses_an_output_that_is_neither_nifti_nor_a_folder(infer_paths, capsys, name):
+    d = infer_paths
+    argv = ["infer", "--checkpoint", str(d / "model.pt"), "--input", str(d / "case.zip"), "--output", str(d / name)]
+    assert main(argv) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err == (f"ctdiff: error: --output: cannot write {name!r}: give OUT.nii or OUT.nii.gz for NIfTI, "
+                   "or a folder name without a suffix for a DICOM series")
+    assert not (d / name).exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--input", "{d}/absent.zip", "--output", "{d}/o.nii.gz"], "--input: no such file or folder {d}/absent.zip"),
+    (["--input", "{d}/model.pt", "--output", "{d}/o.nii.gz"],
+     "--input: {d}/model.pt: give a case ZIP, a DICOM folder or a .nii/.nii.gz file"),
+    (["--input", "{d}/cases", "--output", "{d}/o.nii.gz", "--batch"], "--output: with --batch, give a folder name "
+                                                                       "without a suffix, not 'o.nii.gz'"),
+    (["--input", "{d}/absent", "--output", "{d}/o", "--batch"], "--input: no such folder {d}/absent"),
+    (["--input", "{d}/case.zip", "--output", "{d}/o", "--batch"], "--input: {d}/case.zip is not a folder of cases"),
+])
+def test_infer_checks_its_arguments_before_loading_the_model(infer_paths, capsys, argv, expected):
+    d = infer_paths
+    argv = [a.format(d=d) for a in argv]
+    assert main(["infer", "--checkpoint", str(d / "model.pt"), *argv]) == 2
+    assert _one_line(capsys.readouterr().err) == f"ctdiff: error: {expected.format(d=d)}"
+
+
+def test_infer_refuses_a_missing_checkpoint_first(infer_paths, capsys):
+    d = infer_paths
+    assert main(["infer", "--checkpoint", str(d / "none.pt"), "--input", str(d / "absent"), "--output", "x.txt"]) == 2
+    assert _one_line(capsys.readouterr().err) == f"ctdiff: error: --checkpoint: no such diffusion checkpoint: {d}/none.pt"
+
+
+@pytest.mark.parametrize("command", ["preprocess", "train-vae", "encode-latents", "train-diffusion", "evaluate",
+                                     "pipeline", "infer", "synth"])
+def test_help_says_where_the_defaults_come_from(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("defaults: built into ctdiff/config.py (config/default.yaml, the full-size settings, only with "
+            "--config); override with --config FILE.yaml") in out
+    assert "--set key=value" in out
+
+
+def test_demo_help_names_its_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "defaults: config/demo.yaml; override with --config FILE.yaml" in out
+
+
+def test_evaluate_scores_best_pt_by_default_as_infer_does(tmp_path):
+    import os
+
+    from ctdiff.config import load_config
+    from ctdiff.layout import WorkLayout
+    from tasks.evaluate import checkpoint_paths
+
+    config = load_config(None, [f"paths.work={tmp_path}"])
+    folder = WorkLayout.of(config).checkpoint_dir("diffusion")
+    with pytest.raises(ValueError, match=r"^evaluate.checkpoint: no diffusion checkpoint .*best\.pt; run"):
+        checkpoint_paths(config)
+    folder.mkdir(parents=True)
+    for name, mtime in (("best.pt", 1), ("last.pt", 2)):  # last.pt is the newest
+        (folder / name).write_bytes(b"")
+        os.utime(folder / name, (mtime, mtime))
+    assert checkpoint_paths(config) == [str(folder / "best.pt")]
+    assert checkpoint_paths(load_config(None, [f"paths.work={tmp_path}", "evaluate.checkpoint=newest"])) == [
+        str(folder / "last.pt")]
+    assert checkpoint_paths(load_config(None, [f"paths.work={tmp_path}", "evaluate.checkpoint=last"])) == [
+        str(folder / "last.pt")]
+    named = load_config(None, [f"paths.work={tmp_path}", "evaluate.checkpoints=[a.pt]"])
+    assert checkpoint_paths(named) == ["a.pt"]

@@ -77,9 +77,10 @@ def test_nightly_evaluate_is_scheduled_with_the_default_config():
     (nightly,) = [d for d in _deployments() if d["name"] == "nightly"]
     (schedule,) = nightly["schedules"]
     assert schedule["cron"] == "0 2 * * *" and schedule["active"] is True
-    # No checkpoint named: evaluate.checkpoints [] in the config means the newest one.
-    assert nightly["parameters"] == {"config": "config/default.yaml", "overrides": []}
-    assert yaml.safe_load((ROOT / "config/default.yaml").read_text())["evaluate"]["checkpoints"] == []
+    # The newest checkpoint, whichever of best/last training wrote last (the default is best.pt).
+    assert nightly["parameters"] == {"config": "config/default.yaml", "overrides": ["evaluate.checkpoint=newest"]}
+    evaluate = yaml.safe_load((ROOT / "config/default.yaml").read_text())["evaluate"]
+    assert evaluate["checkpoints"] == [] and evaluate["checkpoint"] == "best"
 
 
 def test_pods_start_in_the_image_project_folder_and_local_runs_where_deployed():

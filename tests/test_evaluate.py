@@ -1,6 +1,9 @@
+import dataclasses
 import json
 import logging
 
+import matplotlib.pyplot
+import matplotlib.text
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,7 +19,14 @@ from ctdiff.evaluate import (
 )
 from ctdiff.interpolate import thin_positions
 from ctdiff.metrics import in_between_mask, score
-from ctdiff.report import findings, markdown_table, table_rows, write_report
+from ctdiff.report import (
+    case_views_figure,
+    findings,
+    markdown_table,
+    table_rows,
+    uncertainty_views_figure,
+    write_report,
+)
 from ctdiff.store import CaseStore
 from ctdiff.volume import Volume
 
@@ -236,6 +246,53 @@ def test_report_writes_metrics_markdown_and_figures(tmp_path, result):
     assert not list((tmp_path / "run").glob(".*tmp*"))
     one = write_report(tmp_path / "one", result, WINDOW, history[:1], "t", [])
     assert "trend" not in one
+
+
+def _texts(ax_or_fig) -> list[str]:
+    return [t.get_text() for t in ax_or_fig.findobj(matplotlib.text.Text) if t.get_text()]
+
+
+def _edge_letters(ax) -> set[str]:
+    return {t.get_text() for t in ax.texts}
+
+
+def test_case_figure_explains_its_lines_and_is_drawn_in_mm_with_orientation(result):
+    views = result.best
+    fig = case_views_figure(views, "best", "model", WINDOW)
+    try:
+        axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        axial, coronal = axes[: len(axes) // 2], axes[len(axes) // 2:]
+        dz, dy, dx = views.thin_spacing_mm
+        for ax in axial:
+            assert _edge_letters(ax) == {"R", "L", "A", "P"} and ax.get_xlabel() == "x (mm)"
+            assert ax.get_xlim() == pytest.approx((0, 32 * dx))  # columns span the field in mm
+        for ax in coronal:
+            assert _edge_letters(ax) == {"R", "L", "S", "I"} and ax.get_xlabel() == "x (mm)"
+            (x0, x1), (z0, z1) = ax.get_xlim(), ax.get_ylim()
+            assert z1 - z0 == pytest.approx(20 * dz) and z0 < views.z_mm < z1  # superior at the top
+            assert ax.get_aspect() == 1.0  # mm on both axes: dz against dx at true scale
+        assert axial[0].get_ylabel() == "y (mm)" and coronal[0].get_ylabel() == "z (mm)"
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert legend == [f"axial slice shown above (z = {views.z_mm:.1f} mm)",
+                          f"coronal plane shown below (y = {(views.row + 0.5) * dy:.1f} mm)"]
+        title = fig.get_suptitle()
+        assert f"coronal y = {(views.row + 0.5) * dy:.1f} mm" in title and "row" not in title
+        assert sum("error| (HU)" in t for t in _texts(fig)) == 2  # one colour bar per row
+    finally:
+        matplotlib.pyplot.close(fig)
+
+
+def test_uncertainty_figure_has_mm_axes_orientation_and_line_legend(result):
+    views = dataclasses.replace(result.best, std={"axial": np.full((32, 32), 0.01), "coronal": np.full((20, 32), 0.01)})
+    fig = uncertainty_views_figure(views, "model", WINDOW)
+    try:
+        axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        assert [_edge_letters(ax) for ax in axes] == [{"R", "L", "A", "P"}] * 2 + [{"R", "L", "S", "I"}] * 2
+        assert [ax.get_ylabel() for ax in axes[::2]] == ["y (mm)", "z (mm)"]
+        assert all(ax.get_xlabel() == "x (mm)" for ax in axes)
+        assert "axial slice shown above" in " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    finally:
+        matplotlib.pyplot.close(fig)
 
 
 def test_tables_read_from_the_result_or_metrics_json(result):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -34,6 +36,7 @@ from ctdiff.errors import CaseError
 from ctdiff.infer_io import (
     STD_SERIES,
     check_output,
+    check_output_name,
     output_format,
     read_thick,
     remove_output,
@@ -240,16 +243,21 @@ def test_std_output_path_check_output_and_remove_output(tmp_path, rng):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_std"]
 
 
-@pytest.mark.skipif(shutil.which("dcm2niix") is None,
-                    reason="dcm2niix is not installed (apt-get install dcm2niix); it is the "
-                           "independent reader of our DICOM output")
+# On PATH, or beside this interpreter: the `test` extra installs it into the venv, whose bin/ is
+# not on PATH when pytest runs as .venv/bin/pytest without activating it.
+DCM2NIIX = shutil.which("dcm2niix") or shutil.which("dcm2niix", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(DCM2NIIX is None,
+                    reason="dcm2niix is not installed (pip install -e '.[test]' or apt-get install "
+                           "dcm2niix); it is the independent reader of our DICOM output")
 @pytest.mark.parametrize("name", ORIENTATIONS)
 def test_dcm2niix_reads_our_series_as_we_do(tmp_path, rng, name):
     volume = make_volume(ORIENTATIONS[name], rng)
     write_dicom_series(volume, dicom_template(generate_uid()), tmp_path / "dicom")
     out = tmp_path / "nifti"
     out.mkdir()
-    run = subprocess.run(["dcm2niix", "-z", "n", "-b", "n", "-f", "converted", "-o", str(out),
+    run = subprocess.run([DCM2NIIX, "-z", "n", "-b", "n", "-f", "converted", "-o", str(out),
                           str(tmp_path / "dicom")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     assert sorted(p.name for p in out.iterdir()) == ["converted.nii"], run.stdout
@@ -303,3 +311,15 @@ def test_read_thick_refusals(tmp_path, rng):
         read_thick(tmp_path / "empty")
     with pytest.raises(CaseError, match="input not found"):
         read_thick(tmp_path / "missing.zip")
+
+
+def test_check_output_name_takes_nifti_or_a_folder_name_without_a_suffix(tmp_path):
+    for ok in ("thin.nii.gz", "thin.NII", "thin", "thin/"):
+        check_output_name(f"{tmp_path}/{ok}")
+    (tmp_path / "series.2024").mkdir()
+    check_output_name(tmp_path / "series.2024")  # a folder that exists is a folder
+    for bad in ("thin.txt", "thin.png", "thin.nrrd", "thin.gz", "series.2025"):
+        with pytest.raises(ValueError, match=r"give OUT\.nii or OUT\.nii\.gz for NIfTI, or a folder name"):
+            check_output_name(tmp_path / bad)
+    with pytest.raises(ValueError, match=r"\.nii\.gz path"):  # the library's own refusal, batch paths included
+        output_format(tmp_path / "thin.png")

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -225,6 +227,23 @@ def _case_store(tmp_path, n_cases=2) -> CaseStore:
 
 def _snapshot(path):
     return {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in sorted(path.rglob("*"))}
+
+
+def test_create_with_the_same_settings_writes_nothing(tmp_path):
+    """A fully cached encode-latents rerun (prepare_latent_store) leaves the root zarr.json as it was."""
+    store = LatentStore(tmp_path / "latents", "vae0")
+    store.create("slice-kl-tiny", (1, 8, 8), WINDOW, "cubic")
+    store.set_scale_factor(0.5, key="k")
+    root_json = store.path / "zarr.json"
+    os.utime(root_json, ns=(1_000_000_000, 1_000_000_000))  # a clock tick could hide a rewrite
+    before = root_json.read_bytes()
+    (store.path / ".staging").mkdir()
+    store.create("slice-kl-tiny", [1, 8, 8], [40, 400], "cubic")  # equal values, other types
+    assert root_json.stat().st_mtime_ns == 1_000_000_000 and root_json.read_bytes() == before
+    assert not (store.path / ".staging").exists()  # staging is still cleared
+    store.create("slice-kl-tiny", (1, 8, 8), WINDOW, "none")  # another base: rewritten, factor reset
+    assert root_json.stat().st_mtime_ns != 1_000_000_000
+    assert store.base == "none" and store.scale_factor is None
 
 
 @pytest.mark.parametrize("preset", ["slice-kl-tiny", "maisi-tiny"])
