@@ -24,7 +24,13 @@ from ctdiff.figures import (  # noqa: E402
 )
 from ctdiff.interpolate import METHODS  # noqa: E402
 
-_COLUMNS = ("PSNR all (dB)", "SSIM all", "PSNR in-between (dB)", "SSIM in-between", "histogram W1 in-between (HU)")
+# Short headers keep the table narrow (terminal, Prefect UI); TABLE_KEY spells them out.
+_COLUMNS = ("PSNR (dB)", "SSIM", "PSNR mid (dB)", "SSIM mid", "W1 mid (HU)")
+TABLE_KEY = (
+    "PSNR and SSIM over all thin slices; *mid*: over the in-between slices only (not at a thick-slice "
+    "centre); W1: Wasserstein-1 distance between the intensity histograms of prediction and truth "
+    "(lower is better); mean ± std over cases (the mean alone for one case)"
+)
 # Entries that `ctdiff.evaluate.model_predictors` adds beside a model: reported, not argued over.
 _VARIANTS = ("_1sample", "_slab", "_no_slab")
 _FEW_CASES = 5  # below this, say that the spread across cases is not to be trusted
@@ -40,11 +46,11 @@ def _as_metrics(source: EvaluationResult | dict[str, Any]) -> dict[str, Any]:
     return metrics_json(source) if isinstance(source, EvaluationResult) else source
 
 
-def _mean_std(stats: dict[str, Any] | None, metric: str, digits: int) -> str:
+def _mean_std(stats: dict[str, Any] | None, metric: str, digits: int, n_cases: int) -> str:
     if not stats or stats.get(metric) is None:
         return "–"
-    std = stats.get(f"{metric}_std")
-    return f"{stats[metric]:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+    std = stats.get(f"{metric}_std")  # 0 for one case: says nothing, so not shown
+    return f"{stats[metric]:.{digits}f}" + ("" if std is None or n_cases < 2 else f" ± {std:.{digits}f}")
 
 
 def table_rows(source: EvaluationResult | dict[str, Any]) -> list[dict[str, str]]:
@@ -53,22 +59,23 @@ def table_rows(source: EvaluationResult | dict[str, Any]) -> list[dict[str, str]
     metrics = _as_metrics(source)
     rows = []
     for method, stats in metrics["methods"].items():
-        between = stats.get("in_between")
+        between, n = stats.get("in_between"), len(stats["per_case"])
         values = (
-            _mean_std(stats, "psnr", 2), _mean_std(stats, "ssim", 4),
-            _mean_std(between, "psnr", 2), _mean_std(between, "ssim", 4), _mean_std(between, "hist_w1_hu", 2),
+            _mean_std(stats, "psnr", 2, n), _mean_std(stats, "ssim", 4, n),
+            _mean_std(between, "psnr", 2, n), _mean_std(between, "ssim", 4, n),
+            _mean_std(between, "hist_w1_hu", 2, n),
         )
         rows.append({"method": method, **dict(zip(_COLUMNS, values)), "cases": str(len(stats["per_case"]))})
     return rows
 
 
 def markdown_table(source: EvaluationResult | dict[str, Any]) -> str:
-    """`table_rows` as a Markdown table."""
+    """`table_rows` as a Markdown table, and `TABLE_KEY` below it."""
     rows = table_rows(source)
     header = ["method", *_COLUMNS, "cases"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(row[key] for key in header) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", TABLE_KEY])
 
 
 # -- findings --------------------------------------------------------------------------------------

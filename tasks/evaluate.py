@@ -155,11 +155,17 @@ def _notes(model, config: Config) -> list[str]:
 @task(name="report-evaluation")
 def report_artifacts(report: dict) -> str:
     """The metrics table (Markdown and table artifacts) in the Prefect UI; returns the Markdown."""
-    from ctdiff.report import markdown_table, table_rows
     from ctdiff.evaluate import load_metrics
+    from ctdiff.report import TABLE_KEY, findings, markdown_table, table_rows
 
     metrics = load_metrics(Path(report["report_dir"]) / "metrics.json")
-    create_table_artifact(key="evaluate-metrics", table=table_rows(metrics), description=f"Report in {report['report_dir']}")
+    create_table_artifact(
+        key="evaluate-metrics", table=table_rows(metrics), description=f"{TABLE_KEY}. Report in {report['report_dir']}",
+    )
     markdown = markdown_table(metrics)
-    create_markdown_artifact(key="evaluate-report", markdown=f"{markdown}\n\nReport: `{report['report_dir']}`")
+    found = "\n".join(f"- {line}" for line in findings(metrics))
+    create_markdown_artifact(
+        key="evaluate-report",
+        markdown=f"## Evaluation\n\n{markdown}\n\n### Findings\n\n{found}\n\nReport: `{report['report_dir']}`",
+    )
     return markdown

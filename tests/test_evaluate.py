@@ -301,10 +301,14 @@ def test_tables_read_from_the_result_or_metrics_json(result):
     assert rows == table_rows(result)
     assert [r["method"] for r in rows] == ["nearest", "linear", "cubic", "model"]
     cubic = metrics["methods"]["cubic"]
-    assert rows[2]["PSNR all (dB)"] == f"{cubic['psnr']:.2f} ± {cubic['psnr_std']:.2f}"
+    assert rows[2]["PSNR (dB)"] == f"{cubic['psnr']:.2f} ± {cubic['psnr_std']:.2f}"
     assert rows[2]["cases"] == "3"
     table = markdown_table(metrics).splitlines()
-    assert len(table) == 6 and table[0].startswith("| method | PSNR all (dB)")
+    assert len(table) == 8 and table[0] == "| method | PSNR (dB) | SSIM | PSNR mid (dB) | SSIM mid | W1 mid (HU) | cases |"
+    assert table[-1].startswith("PSNR and SSIM over all thin slices; *mid*: over the in-between slices")
+    # One case: the mean alone (a std of 0 over one case says nothing).
+    one = {**metrics, "methods": {"cubic": {**cubic, "per_case": dict(list(cubic["per_case"].items())[:1])}}}
+    assert table_rows(one)[0]["PSNR (dB)"] == f"{cubic['psnr']:.2f}"
 
 
 def _stats(psnr: float, ssim: float, between: tuple[float, float]) -> dict:
