@@ -7,6 +7,7 @@ reported to that server (and show in its UI).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,59 @@ def _prefect_defaults() -> None:
     # Offline machines: telemetry only logs errors; the embedded server needs time on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The errors main() ends with one line (exit 1 or 2), not a traceback.
+ONE_LINE_ERRORS = (RuntimeError, ValueError, OSError)
+# Prefect's loggers of flow and task runs: "Encountered exception during execution" and
+# "Task run failed with exception ..." carry the exception as exc_info (a traceback).
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+def _raised_by_ctdiff(error: BaseException) -> bool:
+    """Whether `error` was raised in ctdiff's own code (ctdiff/, flows/, tasks/), not in a library
+    it called: our own refusals are user errors; a library's RuntimeError may well be a bug."""
+    if isinstance(error, (UsageError, ConfigError)):
+        return True
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return any(path.is_relative_to(PROJECT_ROOT / top) for top in ("ctdiff", "flows", "tasks"))
+
+
+class UserErrorTracebackFilter(logging.Filter):
+    """Keep the message of a Prefect record whose exception is a user error ctdiff reports in one
+    line (a refusal of ours: see main()), but drop its traceback; any other exception, a bug,
+    keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ONE_LINE_ERRORS) and _raised_by_ctdiff(error):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _setup_console_logging() -> None:
+    """Prefect's console logging for ctdiff's commands: no tracebacks for user errors, and log
+    lines that clear and redraw the progress bars instead of writing over them."""
+    from tasks.progress import write_logs_around_bars
+
+    for name in PREFECT_RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, UserErrorTracebackFilter) for f in logger.filters):
+            logger.addFilter(UserErrorTracebackFilter())
+    loggers = [logging.getLogger()] + [
+        logging.getLogger(name) for name in logging.root.manager.loggerDict if name.startswith("prefect")
+    ]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                write_logs_around_bars(handler)
 
 
 def _add_config_options(parser: argparse.ArgumentParser, default_config: Path | None = None) -> None:
@@ -198,6 +252,7 @@ def run_flow(name: str, config_path: Path | None, overrides: list[str]) -> dict:
     from flows.train_diffusion import train_diffusion
     from flows.train_vae import train_vae
 
+    _setup_console_logging()  # after Prefect's import has configured its logging
     flows = {
         "preprocess": preprocess, "train-vae": train_vae, "encode-latents": encode_latents,
         "train-diffusion": train_diffusion, "evaluate": evaluate, "pipeline": pipeline,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -22,9 +23,11 @@ class Progress:
 
     def advance(self, n: int = 1, **postfix: object) -> None:
         self.done += n
-        self._bar.update(n)
+        # The label first: update() redraws the bar, which then names the case just finished
+        # (set after it, without a refresh, the label showed the case before).
         if postfix:
             self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(n)
         now = time.monotonic()
         # The API is rate-limited in spirit: update at most twice a second, and always at the end.
         if now - self._last_update > 0.5 or self.done >= self.total:
@@ -40,6 +43,26 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self._bar.close()
+
+
+def write_logs_around_bars(handler: logging.Handler) -> None:
+    """Make a stream `handler` (Prefect's console handler) clear the progress bars drawn on its
+    stream before each record and redraw them after, so that a log line never lands on a bar's
+    line. Idempotent; a handler without a stream is left alone."""
+    stream = getattr(handler, "stream", None)
+    if stream is None or getattr(handler, "_ctdiff_bar_aware", False):
+        return
+    emit = handler.emit
+
+    def emit_between_bars(record: logging.LogRecord) -> None:
+        if not getattr(tqdm, "_instances", None):  # no bar open: nothing to clear
+            emit(record)
+            return
+        with tqdm.external_write_mode(file=handler.stream):
+            emit(record)
+
+    handler.emit = emit_between_bars  # type: ignore[method-assign]
+    handler._ctdiff_bar_aware = True  # type: ignore[attr-defined]
 
 
 def training_reporter(bar: Progress) -> Callable[[dict], None]:

@@ -28,6 +28,39 @@ def use_worker_prespawn_env() -> None:
     dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_PRESPAWN_ENV.items()})
 
 
+# Loggers that, while a cluster closes, report what closing does to it: a worker whose heartbeat
+# finds the scheduler gone logs "Failed to communicate with scheduler during heartbeat" with a
+# CommClosedError traceback (at ERROR, so silence_logs=ERROR would not hide it).
+SHUTDOWN_LOGGERS = ("distributed.worker", "distributed.core", "distributed.nanny", "distributed.comm")
+
+
+def _quiet_shutdown_logging() -> None:
+    """Run on each worker of a LocalCluster about to close: nothing it logs from then on is news."""
+    for name in SHUTDOWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+class LocalDaskTaskRunner(DaskTaskRunner):
+    """The DaskTaskRunner of a LocalCluster of ctdiff's own: quiet at shutdown. Its workers, and this
+    process's nannies and scheduler, drop the errors of the cluster closing under them (only then:
+    during the run they log warnings and errors as set by silence_logs)."""
+
+    def __exit__(self, *args) -> None:
+        if self._client is not None:
+            try:
+                self._client.run(_quiet_shutdown_logging)
+            except Exception:  # noqa: BLE001 - a worker already gone is quiet anyway
+                pass
+        levels = {name: logging.getLogger(name).level for name in SHUTDOWN_LOGGERS}
+        for name in SHUTDOWN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        try:
+            super().__exit__(*args)
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+
+
 def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
     """An existing scheduler when `address` is set, a KubeCluster with `kubernetes`, else a
     LocalCluster of worker processes.
@@ -56,7 +89,7 @@ def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
     # is an embedded server they would not know of, and each would start its own.
     with get_client(sync_client=True) as client:
         api_url = str(client.api_url).rstrip("/")
-    return DaskTaskRunner(
+    return LocalDaskTaskRunner(
         cluster_kwargs={
             "n_workers": config.n_workers,
             "threads_per_worker": 1,
