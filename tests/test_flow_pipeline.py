@@ -5,6 +5,7 @@ import time
 
 import pytest
 import yaml
+from pipeline_fixtures import tiny_pipeline_config
 
 from ctdiff.evaluate import load_metrics
 from ctdiff.synth import SynthSpec, synthesize
@@ -23,22 +24,7 @@ WORK = (*UPSTREAM, "train-diffusion", "checkpoint-digest", "score-cases")
 def config_path(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     synthesize(root / "cases", SynthSpec(n_cases=5, size=32, n_thin=20, seed=1))
-    config = {
-        "paths": {"input": str(root / "cases"), "store": str(root / "store.zarr"), "work": str(root / "work")},
-        "preprocess": {"resolution": None, "split": {"train": 0.4, "val": 0.2, "test": 0.4, "seed": 0},
-                       "dask": {"n_workers": 1}},
-        "vae": {"preset": "slice-kl-tiny"},
-        "train_vae": {"steps": 6, "batch_size": 2, "patch_slices": 4, "patch_size": 32, "val_every": 6,
-                      "val_cases": 1, "checkpoint_every": 6, "device": "cpu"},
-        "encode": {"device": "cpu"},
-        "diffusion": {"preset": "tiny", "window_slices": 8, "overlap_slices": 2, "sample_steps": 2},
-        "train_diffusion": {"steps": 4, "batch_size": 2, "val_every": 4, "val_cases": 1,
-                            "checkpoint_every": 4, "device": "cpu"},
-        "evaluate": {"device": "cpu"},
-    }
-    path = root / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_pipeline_config(root, {"train": 0.4, "val": 0.2, "test": 0.4})
 
 
 def _task_runs_since(started: float) -> dict[str, list[str]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
+from pipeline_fixtures import tiny_pipeline_config
 
 from ctdiff.synth import SynthSpec, synthesize
 
@@ -95,21 +95,7 @@ def pipeline_run(server, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline-ui")
     good = synthesize(root / "cases", SynthSpec(n_cases=4, size=32, n_thin=20, seed=2))
     (good[0].parent / f"{BROKEN}.zip").write_bytes(b"not a zip at all" * 64)
-    config = {
-        "paths": {"input": str(root / "cases"), "store": str(root / "store.zarr"), "work": str(root / "work")},
-        "preprocess": {"resolution": None, "split": {"train": 0.5, "val": 0.25, "test": 0.25, "seed": 0},
-                       "dask": {"n_workers": 1}},
-        "vae": {"preset": "slice-kl-tiny"},
-        "train_vae": {"steps": 6, "batch_size": 2, "patch_slices": 4, "patch_size": 32, "val_every": 6,
-                      "val_cases": 1, "checkpoint_every": 6, "device": "cpu"},
-        "encode": {"device": "cpu"},
-        "diffusion": {"preset": "tiny", "window_slices": 8, "overlap_slices": 2, "sample_steps": 2},
-        "train_diffusion": {"steps": 4, "batch_size": 2, "val_every": 4, "val_cases": 1,
-                            "checkpoint_every": 4, "device": "cpu"},
-        "evaluate": {"device": "cpu"},
-    }
-    path = root / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = tiny_pipeline_config(root, {"train": 0.5, "val": 0.25, "test": 0.25})
     ctdiff = Path(sys.executable).with_name("ctdiff")
     done = subprocess.run([str(ctdiff), "pipeline", "--config", str(path)], env=env, capture_output=True,
                           text=True, timeout=240)
