@@ -49,8 +49,8 @@ class LocalDaskTaskRunner(DaskTaskRunner):
         if self._client is not None:
             try:
                 self._client.run(_quiet_shutdown_logging)
-            except Exception:  # noqa: BLE001 - a worker already gone is quiet anyway
-                pass
+            except (OSError, TimeoutError) as error:  # a worker already gone is quiet anyway; say so
+                logging.getLogger(__name__).debug("workers not quieted before shutdown: %r", error)
         levels = {name: logging.getLogger(name).level for name in SHUTDOWN_LOGGERS}
         for name in SHUTDOWN_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
