@@ -54,10 +54,10 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from ctdiff import autoencoder, interpolate, residual, windowing
+from ctdiff.atomic import replace_dir
 from ctdiff.autoencoder import CtAutoencoder
 from ctdiff.fingerprint import code_version, settings_digest
 from ctdiff.residual import Base, base_condition, base_volume, is_residual, residual_target
-from ctdiff.atomic import replace_dir
 from ctdiff.volume import KINDS, Kind, Volume
 
 LATENT_FORMAT = 1
