@@ -72,19 +72,14 @@ class UserErrorTracebackFilter(logging.Filter):
 def _setup_console_logging() -> None:
     """Prefect's console logging for ctdiff's commands: no tracebacks for user errors, and log
     lines that clear and redraw the progress bars instead of writing over them."""
-    from tasks.progress import write_logs_around_bars
+    from tasks.progress import console_handlers, write_logs_around_bars
 
     for name in PREFECT_RUN_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, UserErrorTracebackFilter) for f in logger.filters):
             logger.addFilter(UserErrorTracebackFilter())
-    loggers = [logging.getLogger()] + [
-        logging.getLogger(name) for name in logging.root.manager.loggerDict if name.startswith("prefect")
-    ]
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                write_logs_around_bars(handler)
+    for handler in console_handlers():
+        write_logs_around_bars(handler)
 
 
 def _add_config_options(parser: argparse.ArgumentParser, default_config: Path | None = None) -> None:

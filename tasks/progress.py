@@ -65,6 +65,45 @@ def write_logs_around_bars(handler: logging.Handler) -> None:
     handler._ctdiff_bar_aware = True  # type: ignore[attr-defined]
 
 
+CLEAR_LINE = "\r\x1b[2K"  # carriage return, then erase the whole line (ANSI EL 2)
+
+
+def clear_line_before_logs(handler: logging.Handler) -> None:
+    """For a process that shares a terminal with another process's progress bars (a Dask worker
+    beside the CLI): make a stream `handler` erase the terminal line before each record, so its
+    log line never continues a bar's line (the bar redraws below it on its next update). Only
+    when the stream is a terminal; idempotent."""
+    stream = getattr(handler, "stream", None)
+    isatty = getattr(stream, "isatty", None)
+    if stream is None or getattr(handler, "_ctdiff_clears_line", False) or not (isatty and isatty()):
+        return
+    emit = handler.emit
+
+    def emit_on_a_clear_line(record: logging.LogRecord) -> None:
+        handler.acquire()
+        try:
+            handler.stream.write(CLEAR_LINE)
+        finally:
+            handler.release()
+        emit(record)
+
+    handler.emit = emit_on_a_clear_line  # type: ignore[method-assign]
+    handler._ctdiff_clears_line = True  # type: ignore[attr-defined]
+
+
+def console_handlers() -> list[logging.StreamHandler]:
+    """The console handlers of this process's root and Prefect loggers (file handlers excluded)."""
+    loggers = [logging.getLogger()] + [
+        logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("prefect")
+    ]
+    return [
+        handler
+        for logger in loggers
+        for handler in getattr(logger, "handlers", [])
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+    ]
+
+
 def training_reporter(bar: Progress) -> Callable[[dict], None]:
     """The progress callback of ctdiff's training loops: step, loss and latest val PSNR on `bar`."""
 

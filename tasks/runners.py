@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from pathlib import Path
 
 import dask
-from distributed import KilledWorker
+from distributed import KilledWorker, WorkerPlugin
 
 from prefect.client.orchestration import get_client
 from prefect_dask import DaskTaskRunner
@@ -40,10 +41,27 @@ def _quiet_shutdown_logging() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+class ClearLineBeforeLogs(WorkerPlugin):
+    """A worker's console log lines start on a cleared terminal line: its stderr is the terminal
+    the CLI draws progress bars on, and a record written mid-bar would continue the bar's line."""
+
+    name = "ctdiff-clear-line-before-logs"
+
+    def setup(self, worker) -> None:
+        from prefect.logging.configuration import ensure_logging_setup
+
+        from tasks.progress import clear_line_before_logs, console_handlers
+
+        ensure_logging_setup()  # Prefect's console handlers, made now rather than at the first task
+        for handler in console_handlers():
+            clear_line_before_logs(handler)
+
+
 class LocalDaskTaskRunner(DaskTaskRunner):
     """The DaskTaskRunner of a LocalCluster of ctdiff's own: quiet at shutdown. Its workers, and this
     process's nannies and scheduler, drop the errors of the cluster closing under them (only then:
-    during the run they log warnings and errors as set by silence_logs)."""
+    during the run they log warnings and errors as set by silence_logs). On a terminal, the
+    workers' log lines clear the CLI's progress bar line first (ClearLineBeforeLogs)."""
 
     def __exit__(self, *args) -> None:
         if self._client is not None:
@@ -98,6 +116,8 @@ def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
             "dashboard_address": None,
             "silence_logs": logging.WARNING,
             "env": {"PREFECT_API_URL": api_url},
+            # Each worker, restarted ones too, sets it up as it starts.
+            "plugins": [ClearLineBeforeLogs()] if sys.stderr.isatty() else [],
         }
     )
 
