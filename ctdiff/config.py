@@ -6,6 +6,7 @@ setting. Relative paths are resolved against the working directory.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -245,14 +246,36 @@ def _format_error(error: ValidationError, source: str) -> str:
     return f"{key}: {first['msg']}{got_text}; fix it in {source} or with --set {key}=..."
 
 
+# The configs shipped with the package (ctdiff/configs/NAME.yaml), found by name in any install.
+PACKAGED_CONFIGS = ("default", "demo")
+
+
+def packaged_config(name: str) -> Path:
+    """The file of a config that ships with ctdiff: "default" (full-size) or "demo" (CPU demo)."""
+    if name not in PACKAGED_CONFIGS:
+        raise ConfigError(f"--config: no packaged config {name!r}; packaged: {', '.join(PACKAGED_CONFIGS)}")
+    # A package installed as files (wheel, editable, image): the resource is a real path.
+    return Path(str(resources.files("ctdiff.configs") / f"{name}.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file, or for a bare packaged name ("default", "demo") that is not a file here,
+    the packaged config of that name."""
+    path = Path(path)
+    if not path.is_file() and str(path) in PACKAGED_CONFIGS:
+        return packaged_config(str(path))
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or the defaults), apply overrides, validate; raise ConfigError."""
+    """Read a YAML config (a file, or a packaged config's name), or the built-in defaults, apply
+    overrides, validate; raise ConfigError."""
     tree: dict = {}
     source = "the defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config: no such file {path}")
+        path = resolve_config_path(path)
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

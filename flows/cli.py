@@ -12,10 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from ctdiff.config import Config, ConfigError, load_config, require_input
+from ctdiff.config import Config, ConfigError, load_config, packaged_config, require_input
 from ctdiff.errors import UsageError
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
+DEMO_CONFIG = packaged_config("demo")  # package data: found in a wheel or an image as in a checkout
 EXIT_USAGE = 2
 
 FLOW_HELP = {
@@ -84,13 +84,13 @@ def _setup_console_logging() -> None:
 
 def _add_config_options(parser: argparse.ArgumentParser, default_config: Path | None = None) -> None:
     if default_config is None:
-        # Not config/default.yaml: that file holds the full-size settings (512 px, ...) and is
-        # read only when named; the built-in values are the small ones of ctdiff/config.py.
-        source = "built into ctdiff/config.py (config/default.yaml, the full-size settings, only with --config)"
+        # Not the packaged default.yaml: that file holds the full-size settings (512 px, ...) and
+        # is read only when named; the built-in values are the small ones of ctdiff/config.py.
+        source = "built into ctdiff/config.py (the full-size settings only with --config default)"
     else:
-        source = str(default_config.relative_to(DEMO_CONFIG.parent.parent))
-    parser.epilog = (f"defaults: {source}; override with --config FILE.yaml (keys it omits keep the "
-                     "built-in values) or --set key=value (applied last)")
+        source = f"the packaged {default_config.stem} config (ctdiff config show --config {default_config.stem})"
+    parser.epilog = (f"defaults: {source}; override with --config FILE.yaml or a packaged name, default or "
+                     "demo (keys it omits keep the built-in values), or --set key=value (applied last)")
     parser.add_argument(
         "--config", type=Path, default=default_config, metavar="FILE.yaml",
         help=f"YAML config (default: {source if default_config else 'none, built-in values'})",
@@ -131,7 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="synthetic cases + the whole pipeline on the CPU demo config")
     _add_config_options(demo, DEMO_CONFIG)
+
+    config = commands.add_parser("config", help="show the resolved config (a starting point for your own)")
+    config_actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = config_actions.add_parser(
+        "show", help="print the config that --config and --set resolve to, every key, as YAML",
+        description="Print the config a command would run with, every key included, as YAML: "
+                    "`ctdiff config show --config default > my.yaml` starts your own.",
+    )
+    _add_config_options(show)
     return parser
+
+
+def show_config(config: Config, source: Path | None) -> None:
+    """Every key of the resolved `config` as YAML (paths as strings), headed by where it came from."""
+    import yaml
+
+    from ctdiff.config import resolve_config_path
+
+    origin = f"from {resolve_config_path(source)}" if source is not None else "the built-in values"
+    print(f"# ctdiff config: {origin}")
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
 
 
 def _synth_overrides(args: argparse.Namespace) -> list[str]:
@@ -328,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides)
         if args.command == "synth":
             run_synth(config, args.out)
+            return 0
+        if args.command == "config":
+            show_config(config, args.config)
             return 0
         if args.command == "infer":
             check_infer_args(args)
