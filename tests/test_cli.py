@@ -107,8 +107,8 @@ def test_help_says_where_the_defaults_come_from(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert ("defaults: built into ctdiff/config.py (config/default.yaml, the full-size settings, only with "
-            "--config); override with --config FILE.yaml") in out
+    assert ("defaults: built into ctdiff/config.py (the full-size settings only with --config default); "
+            "override with --config FILE.yaml or a packaged name, default or demo") in out
     assert "--set key=value" in out
 
 
@@ -116,7 +116,8 @@ def test_demo_help_names_its_config(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "defaults: config/demo.yaml; override with --config FILE.yaml" in out
+    assert ("defaults: the packaged demo config (ctdiff config show --config demo); "
+            "override with --config FILE.yaml") in out
 
 
 def test_evaluate_scores_best_pt_by_default_as_infer_does(tmp_path):
