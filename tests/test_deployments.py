@@ -6,28 +6,21 @@ real `prefect server` on loopback and a `process` worker runs a deployment on sy
 """
 
 import asyncio
-import contextlib
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
 
 from deployments.pool_template import main as pool_template_main
 from deployments.pool_template import with_defaults
+from prefect_server import BIN, deploy_all, prefect_server, run_on_worker
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent  # prefect, hadolint: installed beside this interpreter
 DATA_MOUNT = "/opt/ctdiff/data"
 FLOWS = {
     "preprocess": "flows/preprocess.py:preprocess",
@@ -62,11 +55,12 @@ def _dockerfile_value(instruction: str) -> str:
 # --- prefect.yaml -------------------------------------------------------------------------------
 
 
-def test_every_flow_has_a_kubernetes_and_a_local_deployment():
+def test_every_flow_has_a_kubernetes_a_docker_and_a_local_deployment():
     declared = {(_flow_name(d["entrypoint"]), d["name"]): d["work_pool"]["name"] for d in _deployments()}
     expected = {}
     for name in FLOWS:
         expected[(name, "k8s-cpu" if name == "preprocess" else "k8s-gpu")] = K8S_POOL[name]
+        expected[(name, "docker")] = "ctdiff-docker"
         expected[(name, "local")] = "ctdiff-local"
     expected[("evaluate", "nightly")] = "ctdiff-gpu"
     assert declared == expected
@@ -179,7 +173,7 @@ def _pod(manifest: dict) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize(
-    "deployment", [d for d in _deployments() if d["work_pool"]["name"] != "ctdiff-local"],
+    "deployment", [d for d in _deployments() if d["work_pool"]["name"] in ("ctdiff-gpu", "ctdiff-cpu")],
     ids=lambda d: f"{_flow_name(d['entrypoint'])}/{d['name']}",
 )
 def test_rendered_job_mounts_the_volume_and_names_the_image(deployment, prefect_harness):
@@ -231,6 +225,59 @@ def test_job_variables_select_gpus_image_and_volume(prefect_harness):
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def test_docker_template_extends_prefect_docker_default():
+    from prefect_docker.worker import DockerWorker
+
+    default = DockerWorker.get_default_base_job_template()
+    template = _template("ctdiff-docker")
+    # volumes and container_create_kwargs are made by the template from its own variables.
+    assert set(default["variables"]["properties"]) - {"volumes", "container_create_kwargs"} <= set(
+        template["variables"]["properties"])
+    assert set(default["job_configuration"]) == set(template["job_configuration"])
+
+
+def _render_docker(job_variables: dict, template: dict | None = None):
+    """The container settings prefect-docker's worker would create a run's container with."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_docker.worker import DockerWorkerJobConfiguration
+
+    configuration = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(
+        template or _template("ctdiff-docker"), job_variables))
+    configuration.prepare_for_flow_run(FlowRun(id=uuid.uuid4(), name="brave-tapir", flow_id=uuid.uuid4()))
+    return configuration
+
+
+@pytest.mark.parametrize(
+    "deployment", [d for d in _deployments() if d["work_pool"]["name"] == "ctdiff-docker"],
+    ids=lambda d: f"{_flow_name(d['entrypoint'])}/{d['name']}",
+)
+def test_docker_runs_mount_the_volume_and_request_the_gpus(deployment, prefect_harness):
+    job = _render_docker(deployment["work_pool"].get("job_variables", {}))
+    assert job.image == "ctdiff:0.1.0" and job.network_mode == "host"
+    assert job.command == "prefect flow-run execute"
+    assert job.volumes == [f"ctdiff-data:{DATA_MOUNT}"]
+    assert job.env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == f"{DATA_MOUNT}/prefect-results"
+    assert job.container_create_kwargs["shm_size"] == "16g"
+    gpus = job.container_create_kwargs["device_requests"]
+    if _flow_name(deployment["entrypoint"]) == "preprocess":
+        assert gpus is None
+    else:  # all GPUs, as `docker run --gpus all`
+        assert gpus == [{"count": -1, "capabilities": [["gpu"]]}]
+        import docker.types
+
+        assert docker.types.DeviceRequest(**gpus[0]) == {
+            "Driver": "", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
+
+
+def test_docker_job_variables_select_the_volume_and_gpus(prefect_harness):
+    job = _render_docker({"data_volume": "/srv/ctdiff", "device_requests": [{"device_ids": ["1"], "capabilities": [["gpu"]]}]})
+    assert job.volumes == [f"/srv/ctdiff:{DATA_MOUNT}"]
+    assert job.container_create_kwargs["device_requests"] == [{"device_ids": ["1"], "capabilities": [["gpu"]]}]
+    # setup.sh's docker.VARIABLE=VALUE arguments become the Docker pool's defaults.
+    job = _render_docker({}, with_defaults(_template("ctdiff-docker"), ["image=ctdiff:2", "shm_size=2g"]))
+    assert job.image == "ctdiff:2" and job.container_create_kwargs["shm_size"] == "2g"
+
+
 @pytest.mark.parametrize(
     "argument, message",
     [("imag=ctdiff:1", "imag: not a variable"), ("gpus=two", "gpus=\"two\""), ("image", "expected VARIABLE=VALUE")],
@@ -261,89 +308,26 @@ def test_docker_context_holds_what_the_dockerfile_copies():
 # --- end to end: a real server, setup.sh, a process worker, a deployment run ---------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a process started in its own session, and everything it started.
-
-    Descendants are collected first: a process worker starts each flow run in a process group
-    of its own, which a signal to the worker's group would miss.
-    """
-    try:
-        descendants = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-    for child in descendants:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.terminate()
-    _, alive = psutil.wait_procs(descendants, timeout=20)
-    for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-
-
 @pytest.fixture(scope="module")
 def deployed_server(tmp_path_factory):
     """`prefect server` on a free loopback port, set up by deployments/setup.sh."""
     root = tmp_path_factory.mktemp("prefect-e2e")
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        PYTHON=sys.executable,
-        PREFECT_HOME=str(root / "home"),
-        PREFECT_API_URL=api_url,
-        PREFECT_UI_API_URL=api_url,  # the UI must call this server, not the default :4200
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(root / "results"),
-        PREFECT_WORKER_QUERY_SECONDS="2",
-    )
-    log = root / "server.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 240  # ~20-40 s on two busy cores, migrations included
-        while True:
-            assert server.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{api_url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"prefect server did not answer:\n{log.read_text()[-3000:]}"
-            time.sleep(1)
-        setup = subprocess.run(
-            ["bash", "deployments/setup.sh", "image=registry.example.com/ctdiff:e2e"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
+    with prefect_server(root, PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(root / "results"),
+                        PREFECT_WORKER_QUERY_SECONDS="2") as (api_url, env):
+        deploy_all(env, "image=registry.example.com/ctdiff:e2e", "docker.data_volume=/srv/ctdiff-e2e")
         yield {"api_url": api_url, "env": env, "root": root}
-    finally:
-        _stop(server)
 
 
 @pytest.mark.slow
 def test_setup_creates_the_pools_and_every_deployment(deployed_server):
     api = deployed_server["api_url"]
     pools = {p["name"]: p for p in httpx.post(f"{api}/work_pools/filter", json={}).json()}
-    assert {name: pools[name]["type"] for name in ("ctdiff-gpu", "ctdiff-cpu", "ctdiff-local")} == {
-        "ctdiff-gpu": "kubernetes", "ctdiff-cpu": "kubernetes", "ctdiff-local": "process",
+    assert {name: pools[name]["type"] for name in ("ctdiff-gpu", "ctdiff-cpu", "ctdiff-docker", "ctdiff-local")} == {
+        "ctdiff-gpu": "kubernetes", "ctdiff-cpu": "kubernetes", "ctdiff-docker": "docker", "ctdiff-local": "process",
     }
+    docker_variables = pools["ctdiff-docker"]["base_job_template"]["variables"]["properties"]
+    assert docker_variables["data_volume"]["default"] == "/srv/ctdiff-e2e"  # setup.sh's docker. argument
+    assert docker_variables["image"]["default"] == "ctdiff:0.1.0"  # not the Kubernetes pools' image
     for name in ("ctdiff-gpu", "ctdiff-cpu"):
         variables = pools[name]["base_job_template"]["variables"]["properties"]
         assert variables["image"]["default"] == "registry.example.com/ctdiff:e2e"  # setup.sh's argument
@@ -373,20 +357,9 @@ def test_local_preprocess_deployment_runs_on_a_process_worker(deployed_server, t
         "paths": {"input": str(tmp_path / "cases"), "store": str(tmp_path / "store.zarr"), "work": str(tmp_path / "work")},
         "preprocess": {"resolution": 32, "retries": 0, "dask": {"n_workers": 1, "memory_limit": "1GiB"}},
     }))
-    with open(tmp_path / "worker.log", "wb") as out:
-        worker = subprocess.Popen(
-            [BIN / "prefect", "worker", "start", "--pool", "ctdiff-local", "--limit", "1"],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        run = subprocess.run(
-            [BIN / "prefect", "deployment", "run", "preprocess/local", "--param", f"config={config}",
-             "--param", 'overrides=["preprocess.resolution=16"]', "--watch", "--watch-timeout", "540"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-        )
-    finally:
-        _stop(worker)
-    worker_log = (tmp_path / "worker.log").read_text()[-4000:]
+    run, worker_log = run_on_worker(
+        env, "ctdiff-local", "preprocess/local", [f"config={config}", 'overrides=["preprocess.resolution=16"]'],
+        cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + worker_log
     assert "Completed" in run.stdout
 

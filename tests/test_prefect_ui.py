@@ -9,8 +9,6 @@ in the test's tmp folder.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pipeline_fixtures import tiny_pipeline_config
+from prefect_server import prefect_server
 
 from ctdiff.synth import SynthSpec, synthesize
 
@@ -38,54 +37,13 @@ def _require_browser() -> None:
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real Prefect server with its own database; yields (base URL, env for clients)."""
     _require_browser()
     root = tmp_path_factory.mktemp("prefect-ui")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(root / "home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOCAL_STORAGE_PATH": str(root / "results"),
-        "PREFECT_UI_API_URL": f"{url}/api",  # else the UI calls the default port, 4200
-    }
-    env.pop("PREFECT_API_URL", None)
-    prefect = Path(sys.executable).with_name("prefect")
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server not healthy after 90 s:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url, {**env, "PREFECT_API_URL": f"{url}/api"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with prefect_server(root, PREFECT_LOCAL_STORAGE_PATH=str(root / "results")) as (api_url, env):
+        yield api_url.removesuffix("/api"), env
 
 
 @pytest.fixture(scope="module")
