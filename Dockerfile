@@ -47,6 +47,9 @@ COPY prefect.yaml ./
 # The mount point of the data volume, owned by the image's user: a new Docker named volume takes
 # this ownership, so the Docker pool's default volume is writable without a chown.
 RUN install -d -o 10001 -g 10001 /opt/ctdiff/data
+# A container is one command: Prefect's temporary per-run server, not a background one
+# (flows/local_server.py). Pools set PREFECT_API_URL, which wins anyway.
+ENV CTDIFF_SERVER=embedded
 
 # Numeric, so Kubernetes can check runAsNonRoot against it.
 USER 10001:10001

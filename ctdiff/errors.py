@@ -20,3 +20,7 @@ class ConfigError(ValueError):
 class UsageError(ValueError):
     """A setting or an input the user must change before the work can be done (the CLI exits 2):
     e.g. scoring a checkpoint on cases it trained on, or an empty validation split."""
+
+
+class WeightsMismatch(ValueError):
+    """A pretrained file does not fit the network; the message names the first mismatches."""

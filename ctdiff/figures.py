@@ -9,23 +9,33 @@ image columns run from the patient's right to left, rows from anterior to poster
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+from PIL import Image
 
-matplotlib.use("Agg")  # files only; no display on servers and pods
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ctdiff.atomic import atomic_path
+from ctdiff.fingerprint import settings_digest
+from ctdiff.store import CaseStore
 
-from PIL import Image  # noqa: E402
-
-from ctdiff.atomic import atomic_path  # noqa: E402
-from ctdiff.fingerprint import settings_digest  # noqa: E402
-from ctdiff.store import CaseStore  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
 
 _KEY_FIELD = "ctdiff-key"
 _ORIENTATION = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I")}  # left, right, top, bottom
 CORONAL_MAX_WIDTH = 2.0  # coronal views are cropped to at most this many times their z extent
 TICK_FONTSIZE = 7
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only; no display on servers and pods),
+    imported when a figure is drawn: a second of import that a rerun keeping its previews skips."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _png_key(path: Path) -> str | None:
@@ -98,7 +108,7 @@ def preview_figure(thick, thin, case_id: str, center_hu: float, width_hu: float)
     # Panel heights follow the content: the axial row's height/width, then the coronal row's.
     ratios = [height * dy / (width * dx), z_span_mm / crop_mm]
     panel_in = 3.6
-    fig, axes = plt.subplots(2, 2, figsize=(2 * panel_in + 0.8, panel_in * sum(ratios) + 1.6), squeeze=False,
+    fig, axes = pyplot().subplots(2, 2, figsize=(2 * panel_in + 0.8, panel_in * sum(ratios) + 1.6), squeeze=False,
                              gridspec_kw={"height_ratios": ratios}, constrained_layout=True)
     for ax, (title, plane, image, extent) in zip(axes.ravel(), views):
         show_view(ax, image, plane, extent)
@@ -128,5 +138,5 @@ def case_preview(store: CaseStore, case_id: str, center_hu: float, width_hu: flo
         with atomic_path(out) as tmp:
             fig.savefig(tmp, dpi=80, metadata={_KEY_FIELD: key})
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
     return out

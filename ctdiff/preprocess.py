@@ -15,8 +15,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ctdiff import dicom
 from ctdiff.cases import CaseRef
@@ -69,6 +67,9 @@ def resize_inplane(volume: Volume, resolution: int | None) -> Volume:
     depth, height, width = volume.shape
     if resolution is None or (height, width) == (resolution, resolution):
         return volume
+    import torch  # here, not at the top: the flow process and the decode step never need it
+    import torch.nn.functional as F
+
     out = np.empty((depth, resolution, resolution), dtype=np.int16)
     for start in range(0, depth, _RESIZE_BATCH_SLICES):
         batch = torch.from_numpy(volume.hu[start : start + _RESIZE_BATCH_SLICES].astype(np.float32))
@@ -193,6 +194,16 @@ def is_decoded(store: CaseStore, case_id: str, key: str) -> bool:
     """Whether the store holds the decode step's output for `key`: native arrays, or the
     quarantine entry that the same input and code produced."""
     return store.native_key(case_id) == key or store.case_key(case_id) == _quarantine_key(key)
+
+
+def is_ingested(store: CaseStore, ref: CaseRef, resolution: int | None, chunk_slices: int, level: int) -> bool:
+    """Whether both steps of `ref` are done for these settings, as their caches would find them:
+    the resized arrays of this input and code, or its quarantine entry."""
+    key = decode_key(ref)
+    case_key = store.case_key(ref.id)
+    if case_key == _quarantine_key(key):
+        return True
+    return store.native_key(ref.id) == key and case_key == resize_key(key, resolution, chunk_slices, level)
 
 
 def _quarantine_key(native_key: str) -> str:

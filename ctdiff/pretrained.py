@@ -13,12 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ctdiff.errors import WeightsMismatch
+
 WRAPPER_KEYS = ("state_dict", "model", "unet_state_dict", "autoencoder", "model_state_dict")
 _PREFIXES = ("module.", "net.", "autoencoder.")
-
-
-class WeightsMismatch(ValueError):
-    """A pretrained file does not fit the network; the message names the first mismatches."""
 
 
 @dataclass

@@ -140,7 +140,42 @@ def build_parser() -> argparse.ArgumentParser:
                     "`ctdiff config show --config default > my.yaml` starts your own.",
     )
     _add_config_options(show)
+
+    server = commands.add_parser(
+        "server", help="the local Prefect server that commands report to (started by the first one)",
+        description="Without PREFECT_API_URL, the first ctdiff command starts a Prefect server in the "
+                    "background (loopback, a free port; its database and log in PREFECT_HOME) and later "
+                    "commands reuse it, so they start at once and its UI shows every run. "
+                    "CTDIFF_SERVER=embedded asks for Prefect's temporary server per run instead.",
+    )
+    server.add_argument("action", choices=("start", "status", "stop"),
+                        help="start it now (else the next command does), say where it is, or stop it")
     return parser
+
+
+def run_server_command(action: str) -> int:
+    """`ctdiff server start|status|stop`: exit 0, or 1 for `status`/`stop` when none runs."""
+    from flows.local_server import LocalServer
+
+    server = LocalServer.of_this_user()
+    if action == "stop":
+        stopped = server.stop()
+        print("stopped the local Prefect server" if stopped else "no local Prefect server is running")
+        return 0 if stopped else 1
+    if action == "start":
+        _prefect_defaults()
+        api_url, started = server.ensure()
+        server.wait(api_url)
+        print(f"local Prefect server {'started' if started else 'already running'}: API {api_url}, "
+              f"UI {api_url.removesuffix('/api')}")
+        return 0
+    state = server.state()
+    if state is None:
+        print(f"no local Prefect server is running (PREFECT_HOME {server.home})")
+        return 1
+    print(f"local Prefect server: API {state['api_url']}, UI {state['api_url'].removesuffix('/api')}, "
+          f"pid {state['pid']}, log {server.log_path}")
+    return 0
 
 
 def show_config(config: Config, source: Path | None) -> None:
@@ -257,22 +292,34 @@ def run_infer(config: Config, args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
-def run_flow(name: str, config_path: Path | None, overrides: list[str]) -> dict:
-    """Run the flow called `name` in this process (embedded Prefect unless PREFECT_API_URL)."""
-    _prefect_defaults()
-    from flows.encode_latents import encode_latents
-    from flows.evaluate import evaluate
-    from flows.pipeline import pipeline
-    from flows.preprocess import preprocess
-    from flows.train_diffusion import train_diffusion
-    from flows.train_vae import train_vae
+# Each command's flow, imported only when that command runs: the pipeline imports them all.
+FLOW_FUNCTIONS = {
+    "preprocess": ("flows.preprocess", "preprocess"), "train-vae": ("flows.train_vae", "train_vae"),
+    "encode-latents": ("flows.encode_latents", "encode_latents"),
+    "train-diffusion": ("flows.train_diffusion", "train_diffusion"), "evaluate": ("flows.evaluate", "evaluate"),
+    "pipeline": ("flows.pipeline", "pipeline"),
+}
 
+
+def run_flow(name: str, config_path: Path | None, overrides: list[str]) -> dict:
+    """Run the flow called `name` in this process, reporting to PREFECT_API_URL, else to the
+    local background server (flows/local_server.py), started now if none runs."""
+    import importlib
+
+    from flows.local_server import use_local_server
+
+    _prefect_defaults()
+    local = use_local_server()  # a server started now boots while the flow's imports run
+    module, function = FLOW_FUNCTIONS[name]
+    flow_function = getattr(importlib.import_module(module), function)
+    if local is not None:
+        server, api_url, started = local
+        server.wait(api_url)
+        if started:
+            print(f"ctdiff: started a local Prefect server for this and later commands; its UI: "
+                  f"{api_url.removesuffix('/api')} (`ctdiff server stop` stops it)", file=sys.stderr)
     _setup_console_logging()  # after Prefect's import has configured its logging
-    flows = {
-        "preprocess": preprocess, "train-vae": train_vae, "encode-latents": encode_latents,
-        "train-diffusion": train_diffusion, "evaluate": evaluate, "pipeline": pipeline,
-    }
-    return flows[name](config=str(config_path) if config_path else None, overrides=overrides)
+    return flow_function(config=str(config_path) if config_path else None, overrides=overrides)
 
 
 def print_result(name: str, result: dict) -> None:
@@ -343,6 +390,12 @@ def require_writable_paths(config: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "server":
+        try:
+            return run_server_command(args.action)
+        except RuntimeError as error:  # it would not start: the message names its log
+            print(f"ctdiff: server: error: {error}", file=sys.stderr)
+            return 1
     try:
         overrides = args.overrides + (_synth_overrides(args) if args.command == "synth" else [])
         config = load_config(args.config, overrides)

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
 from ctdiff.fingerprint import settings_digest
-from ctdiff.pretrained import WeightsMismatch
+from ctdiff.errors import WeightsMismatch
 from ctdiff.store import write_refusal
 
 
@@ -54,6 +53,8 @@ def finished_checkpoint(path: Path, steps: int) -> bool:
     """True when `path` holds a checkpoint that reached `steps` (memory-mapped: weights stay on disk)."""
     if not path.is_file():
         return False
+    import torch  # only where a checkpoint is read: preprocessing never imports torch
+
     payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return int(payload.get("step", -1)) >= steps
 

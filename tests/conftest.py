@@ -4,6 +4,9 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# Flows run against a temporary server per run, leaving nothing running (tests/test_local_server.py
+# checks the background server that `ctdiff` uses by default).
+os.environ.setdefault("CTDIFF_SERVER", "embedded")
 
 
 @pytest.fixture(scope="session")

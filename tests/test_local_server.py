@@ -1,0 +1,89 @@
+"""The local Prefect server `ctdiff` commands share (flows/local_server.py): started once, in the
+background, found again by later commands, stopped by `ctdiff server stop`; PREFECT_API_URL and
+CTDIFF_SERVER=embedded opt out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ctdiff.synth import SynthSpec, synthesize
+from flows.local_server import MODE_VARIABLE, STATE_FILE, LocalServer, _alive, use_local_server
+
+CTDIFF = [sys.executable, "-m", "flows.cli"]
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != MODE_VARIABLE}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+def _ctdiff(env: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CTDIFF, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_commands_share_one_background_server(tmp_path):
+    home, env = tmp_path / "home", _env(tmp_path / "home")
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = str(root)
+    assert _ctdiff(env, tmp_path, "server", "status").returncode == 1
+
+    # Two commands at once start one server between them.
+    starts = [subprocess.Popen([*CTDIFF, "server", "start"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=300) for process in starts]
+    assert [process.returncode for process in starts] == [0, 0], outputs
+    said = sorted(out.split(":", 1)[0] for out, _ in outputs)
+    assert said == ["local Prefect server already running", "local Prefect server started"], outputs
+    state = json.loads((home / STATE_FILE).read_text())
+    assert all(state["api_url"] in out for out, _ in outputs)
+    try:
+        synthesize(tmp_path / "cases", SynthSpec(n_cases=2, size=16, n_thin=10))
+        args = ["preprocess", "--set", "paths.input=cases", "--set", "paths.store=store.zarr",
+                "--set", "preprocess.resolution=null", "--set", "preprocess.dask.n_workers=1"]
+        first, again = _ctdiff(env, tmp_path, *args), _ctdiff(env, tmp_path, *args)
+        assert first.returncode == 0 and again.returncode == 0, first.stderr[-2000:] + again.stderr[-2000:]
+        for run in (first, again):
+            assert "Starting temporary server" not in run.stderr and "started a local Prefect server" not in run.stderr
+        # A rerun finds every case in the store: no Dask cluster, the steps are cache hits.
+        assert "Creating a new Dask cluster" in first.stderr and "Creating a new Dask cluster" not in again.stderr
+        assert "all 2 cases are in the store already" in again.stderr
+        assert again.stderr.count("Finished in state Cached") == 4  # decode and resize of each case
+        runs = httpx.post(f"{state['api_url']}/flow_runs/filter", json={}).json()
+        names = sorted(httpx.get(f"{state['api_url']}/flows/{r['flow_id']}").json()["name"] for r in runs)
+        assert names == ["ingest-cases", "preprocess", "preprocess"]  # both commands' runs, in one server
+    finally:
+        stop = _ctdiff(env, tmp_path, "server", "stop")
+    assert stop.returncode == 0 and stop.stdout.strip() == "stopped the local Prefect server"
+    assert not _alive(state["pid"]) and not (home / STATE_FILE).exists()
+    assert _ctdiff(env, tmp_path, "server", "stop").returncode == 1
+
+
+def test_prefect_api_url_and_embedded_mode_start_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delenv(MODE_VARIABLE, raising=False)
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")
+    assert use_local_server() is None
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv(MODE_VARIABLE, "embedded")
+    assert use_local_server() is None
+    assert not (tmp_path / STATE_FILE).exists()
+
+
+def test_a_recorded_server_that_died_is_no_server(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / STATE_FILE).write_text(json.dumps({"pid": gone.pid, "api_url": "http://127.0.0.1:9/api"}))
+    server = LocalServer(tmp_path)
+    assert server.state() is None
+    assert server.stop() is False and not (tmp_path / STATE_FILE).exists()
+    (tmp_path / STATE_FILE).write_text("{torn")
+    assert server.state() is None
