@@ -39,6 +39,7 @@ from ctdiff.devices import resolve_device
 from ctdiff.errors import UsageError
 from ctdiff.plots import plot_training_curves
 from ctdiff.store import CaseStore
+from ctdiff.threads import ThreadGovernor
 
 Progress = Callable[[dict], None]
 TrainConfig = TrainVaeConfig | TrainDiffusionConfig
@@ -180,7 +181,11 @@ class Trainer:
                 rng.reseed(tc.seed, dist.rank, 0)
 
         reporter = StepReporter(progress if dist.is_main else None, self.step, tc.steps)
+        # One intra-op thread per CPU that is ours and free: on a busy machine, threads beyond
+        # that stall every step at their barriers (benchmarks/contention.py).
+        governor = ThreadGovernor(processes=dist.world_size)
         while self.step < tc.steps:
+            governor()
             row = training.train_step(self.step)
             self.step += 1
             row = {"step": self.step, **row, "val_psnr": None, "val_ssim": None}

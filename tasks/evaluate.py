@@ -106,7 +106,9 @@ def score_and_report(
     )
     from ctdiff.report import write_report
     from ctdiff.thin_slice import ThinSliceModel
+    from ctdiff.threads import configure_threads
 
+    configure_threads(adapt=True)  # the CPUs free now: sampling on a busy machine does not stall
     window = tuple(checked["window"])
     device = resolve_device(config.evaluate.device)
     models = [ThinSliceModel.load(c["path"], device) for c in checkpoints]

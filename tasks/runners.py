@@ -15,6 +15,7 @@ from prefect.client.orchestration import get_client
 from prefect_dask import DaskTaskRunner
 
 from ctdiff.config import DaskConfig
+from ctdiff.threads import threads_per_process
 
 
 # Dask spawns workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap threshold
@@ -115,7 +116,9 @@ def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
             "memory_limit": config.memory_limit,
             "dashboard_address": None,
             "silence_logs": logging.WARNING,
-            "env": {"PREFECT_API_URL": api_url},
+            # Workers share the CPUs: each sizes torch/OpenMP for its part, so that workers and
+            # their threads do not multiply past the cores (ctdiff.threads).
+            "env": {"PREFECT_API_URL": api_url, "OMP_NUM_THREADS": str(threads_per_process(config.n_workers))},
             # Each worker, restarted ones too, sets it up as it starts.
             "plugins": [ClearLineBeforeLogs()] if sys.stderr.isatty() else [],
         }

@@ -17,6 +17,7 @@ from ctdiff.distributed import train
 from ctdiff.fingerprint import code_version, file_digest
 from ctdiff.layout import WorkLayout
 from ctdiff.store import CaseStore
+from ctdiff.threads import ThreadGovernor
 from tasks.progress import Progress, training_reporter
 from tasks.training import (
     KeyedCache,
@@ -124,6 +125,9 @@ def _encoded(inputs: dict[str, Any], key: str) -> bool:
     return latents.LatentStore(Path(inputs["latent_root"]), inputs["vae"]["digest"]).case_key(inputs["case_id"]) == key
 
 
+_threads = ThreadGovernor()
+
+
 @task(
     name="encode-case",
     task_run_name="encode-{case_id}",
@@ -136,6 +140,7 @@ def _encoded(inputs: dict[str, Any], key: str) -> bool:
 def encode_case(
     case_id: str, store_path: str, latent_root: str, vae: dict, window: list[float], chunk_slices: int, device: str
 ) -> dict:
+    _threads()  # one per CPU free now, re-checked every half minute across cases
     case_store = CaseStore(store_path)
     key = latents.latent_key(case_store.case_key(case_id), vae["digest"], window, chunk_slices, vae["base"])
     model = _model(vae["path"], vae["digest"], device)

@@ -7,6 +7,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 # Flows run against a temporary server per run, leaving nothing running (tests/test_local_server.py
 # checks the background server that `ctdiff` uses by default).
 os.environ.setdefault("CTDIFF_SERVER", "embedded")
+# One torch thread everywhere, whatever else the machine runs: results (bit-exact resume
+# included) then do not depend on how many threads ctdiff.threads finds free.
+os.environ.setdefault("CTDIFF_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
