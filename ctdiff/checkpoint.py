@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ctdiff.atomic import atomic_path
-from ctdiff.autoencoder import CtAutoencoder
+
+if TYPE_CHECKING:  # MONAI's import only where a VAE is built
+    from ctdiff.autoencoder import CtAutoencoder
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -47,6 +49,8 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu") -> tuple[CtAu
     payload = load_checkpoint(path)
     if payload.get("kind") != "vae":
         raise ValueError(f"{path} is not a ctdiff VAE checkpoint (kind={payload.get('kind')!r})")
+    from ctdiff.autoencoder import CtAutoencoder
+
     model = CtAutoencoder(payload["preset"])
     model.net.load_state_dict(payload["model"])
     return model.to(device).eval(), payload

@@ -46,19 +46,21 @@ import uuid
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
 
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from ctdiff import autoencoder, interpolate, residual, windowing
+from ctdiff import interpolate, residual, windowing
 from ctdiff.atomic import replace_dir
-from ctdiff.autoencoder import CtAutoencoder
 from ctdiff.fingerprint import code_version, settings_digest
 from ctdiff.residual import Base, base_condition, base_volume, is_residual, residual_target
 from ctdiff.volume import KINDS, Kind, Volume
+
+if TYPE_CHECKING:  # MONAI's import (seconds) only where a network is built, not for cache keys
+    from ctdiff.autoencoder import CtAutoencoder
 
 LATENT_FORMAT = 1
 # maisi presets: image slices of context on each side of a depth chunk. 16 rather than 8: on a
@@ -317,7 +319,7 @@ def latent_key(
 
 @lru_cache(maxsize=1)
 def _code_version() -> str:
-    return code_version(autoencoder, windowing, interpolate, residual, sys.modules[__name__])
+    return code_version("ctdiff.autoencoder", windowing, interpolate, residual, sys.modules[__name__])
 
 
 def encode_case(
