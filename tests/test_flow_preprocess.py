@@ -1,6 +1,7 @@
 """The `preprocess` flow end to end on synthetic cases mixed with broken ones."""
 
 import io
+import time
 import zipfile
 from datetime import datetime, timezone
 
@@ -90,6 +91,15 @@ def _count_cached_case_steps():
     return count
 
 
+def _wait_for_cached_case_steps(expected: int, timeout_s: float = 60.0) -> int:
+    """The count of Cached case-step task runs once it reaches `expected` (or at the timeout):
+    the server records task runs from the client's events, a moment after the flow returns."""
+    deadline = time.monotonic() + timeout_s
+    while (count := _count_cached_case_steps()) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return count
+
+
 def _mtimes(store_path, level):
     return {p.parent.name: p.stat().st_mtime_ns for p in (store_path / level).glob("*/zarr.json")}
 
@@ -167,7 +177,8 @@ def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
     native, cases_before = _mtimes(store_path, "native"), _mtimes(store_path, "cases")
     cached_before = _count_cached_case_steps()
     assert preprocess(config=None, overrides=overrides)["ok"] == 4
-    assert _count_cached_case_steps() - cached_before == 8 + 4  # decode + resize of ok cases, decode of bad
+    cached = _wait_for_cached_case_steps(cached_before + 8 + 4)
+    assert cached - cached_before == 8 + 4  # decode + resize of ok cases, decode of bad
     assert _mtimes(store_path, "native") == native
     assert _mtimes(store_path, "cases") == cases_before
 
