@@ -43,10 +43,15 @@ def cgroup_cpu_quota(v2: Path = _CGROUP_V2, v1: tuple[Path, Path] = _CGROUP_V1) 
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
+def _affinity() -> set[int]:
+    """The CPUs this process may run on."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def usable_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by the cgroup quota (rounded down,
     at least 1)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = len(_affinity())
     quota = cgroup_cpu_quota()
     if quota is not None:
         cpus = min(cpus, max(1, math.floor(quota)))
@@ -77,7 +82,7 @@ def idle_cpus(sample_s: float = 0.2, read: Callable[[], str] | None = None) -> f
     /proc/stat cannot be read). Call it between steps: this process is idle meanwhile, so
     what it sees busy is other work."""
     read = read or (lambda: Path("/proc/stat").read_text())
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = _affinity()
     try:
         before = _cpu_ticks(read(), cpus)
         time.sleep(sample_s)
