@@ -24,7 +24,7 @@ from pydicom.uid import UID
 
 from ctdiff.archive import ArchiveLimits, iter_members
 from ctdiff.errors import CaseError
-from ctdiff.volume import Volume
+from ctdiff.volume import Volume, shifted_origin
 
 MAX_TILT_DEG = 10.0  # slice normal vs patient z; reformats (coronal, sagittal) are ~90 deg off
 SAME_SPACING = 0.10  # spacings within 10% are one spacing class
@@ -34,6 +34,7 @@ AIR_HU = -1024  # nothing real in CT is below air: lower values are padding outs
 _INT16_MAX = np.iinfo(np.int16).max
 _PIXEL_MODULE = ("BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation",
                  "SamplesPerPixel")  # what decoding needs beyond Rows and Columns (type 1)
+_DECODE_READS = ("Rows", "Columns", *_PIXEL_MODULE, "PixelData")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,16 @@ class CasePair:
     thin: Volume
     n_files: int
     n_ignored: int  # not DICOM, not an axial CT image, or in a series other than the pair
+
+
+@dataclass(frozen=True)
+class OpenCase:
+    """The thick and thin series of one case, identified and checked, pixels not yet decoded."""
+
+    thick: SeriesReader
+    thin: SeriesReader
+    n_files: int
+    n_ignored: int
 
 
 @dataclass(frozen=True)
@@ -105,15 +116,28 @@ def read_case(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> CasePair:
     Raises `CaseError` with a manifest-ready reason when the archive is unsafe or corrupt, when
     no thick/thin pair can be found, or when a chosen series is incomplete or undecodable.
     """
+    case = open_case(path, limits)
+    return CasePair(thick=case.thick.load(), thin=case.thin.load(), n_files=case.n_files,
+                    n_ignored=case.n_ignored)
+
+
+def open_case(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> OpenCase:
+    """Find and check a case's thick and thin series without decoding their pixels.
+
+    Every member is parsed once; what decoding will need is read here, so a damaged header is
+    an ignored member (a missing slice), as in `read_case`. Pixel data is decoded later, in runs
+    of slices (`SeriesReader.read_hu`), so a case can be written chunk by chunk; decoding errors
+    then raise `CaseError` from there.
+    """
     series, n_files = _group(path, limits)
     thick, thin = _choose_pair(series)
     series.clear()  # the other series' pixel bytes can go before decoding
     for role, s in (("thick", thick), ("thin", thin)):
         _check_positions(s, role)
         _check_rescale(s, role)
-    return CasePair(
-        thick=_decode(thick, "thick"),
-        thin=_decode(thin, "thin"),
+    return OpenCase(
+        thick=SeriesReader(thick, "thick"),
+        thin=SeriesReader(thin, "thin"),
         n_files=n_files,
         n_ignored=n_files - len(thick.slices) - len(thin.slices),
     )
@@ -133,7 +157,7 @@ def read_series(
     roles = {"thickest": "thick", "thinnest": "thin"}
     if choose not in roles:
         raise ValueError(f"choose={choose!r}: use 'thickest' or 'thinnest'")
-    series, n_files = _group(path, limits)
+    series, n_files = _group(path, limits, full_header=True)
     if not series:
         raise CaseError("no axial CT series")
     chosen = _thickest(series) if choose == "thickest" else _thinnest(series)
@@ -142,20 +166,22 @@ def read_series(
     _check_rescale(chosen, roles[choose])
     header = _header(chosen.slices[0].ds)
     return SeriesRead(
-        volume=_decode(chosen, roles[choose]),
+        volume=SeriesReader(chosen, roles[choose]).load(),
         header=header,
         n_files=n_files,
         n_ignored=n_files - len(chosen.slices),
     )
 
 
-def _group(path: Path, limits: ArchiveLimits) -> tuple[list[_Series], int]:
-    """Every axial CT series of at least two slices, sorted along its normal; and the file count."""
+def _group(path: Path, limits: ArchiveLimits, full_header: bool = False) -> tuple[list[_Series], int]:
+    """Every axial CT series of at least two slices, sorted along its normal; and the file count.
+    `full_header`: every element must parse (its header is copied into new series), not only
+    those identification and decoding read."""
     groups: dict[tuple, _Series] = {}
     n_files = 0
     for data in iter_members(Path(path), limits):
         n_files += 1
-        _add_member(groups, data)
+        _add_member(groups, data, full_header)
     for s in groups.values():
         s.sort()
     return [s for s in groups.values() if len(s.slices) >= 2], n_files
@@ -172,7 +198,7 @@ def _header(ds: Dataset | None) -> Dataset:
     return header
 
 
-def _add_member(groups: dict[tuple, _Series], data: bytes) -> None:
+def _add_member(groups: dict[tuple, _Series], data: bytes, full_header: bool) -> None:
     """Parse one member and file it under its series; anything else is dropped (ignored)."""
     try:
         # Closing the buffer matters: pydicom 3 keeps it as `ds.buffer`, a second copy of the
@@ -185,9 +211,15 @@ def _add_member(groups: dict[tuple, _Series], data: bytes) -> None:
             with BytesIO(data) as fp:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True)
         # pydicom converts elements lazily: a garbled VR or value in, say, BitsAllocated would
-        # raise later, outside this guard, wherever the element is first read.
-        for _ in ds.iterall():
-            pass
+        # raise later, outside this guard, wherever the element is first read. Converting only
+        # what decoding reads (identification reads the rest) is ~4x cheaper than all of them.
+        if full_header:
+            for _ in ds.iterall():
+                pass
+        else:
+            for keyword in _DECODE_READS:
+                ds.get(keyword)
+            ds.file_meta.get("TransferSyntaxUID")
         found = _identify(ds)
     # pydicom raises many types on damaged headers (struct.error, NotImplementedError for a
     # garbled VR, BytesLengthException, ...): a member that cannot be identified is ignored,
@@ -320,25 +352,55 @@ def _check_rescale(s: _Series, role: str) -> None:
                 raise CaseError(f"invalid {tag} in {role} series, slice {k}")
 
 
-def _decode(s: _Series, role: str) -> Volume:
-    """Stack the series' slices into int16 HU, freeing each dataset once decoded."""
-    hu = np.empty((len(s.slices), s.rows, s.columns), dtype=np.int16)  # (D, H, W)
-    first = s.slices[0].position_mm
-    for k, sl in enumerate(s.slices):
-        ds, sl.ds = sl.ds, None
-        stored = _pixels(ds, role, k)  # (H, W)
-        if stored.shape != hu.shape[1:]:
-            raise CaseError(f"cannot decode pixel data: shape {stored.shape} in {role} series")
-        slope = 1.0 if sl.slope is None else sl.slope  # None: the whole series has none
-        hu[k] = _rescale(stored, slope, 0.0 if sl.intercept is None else sl.intercept)
-        del ds, stored
-    return Volume(
-        hu=hu,
-        spacing_mm=(s.dz_mm, *s.pixel_spacing_mm),
-        z_mm=s.z_mm.copy(),
-        orientation=s.orientation,
-        origin_mm=first,
-    )
+class SeriesReader:
+    """A checked series whose slices are decoded to HU on demand, a run of slices at a time.
+
+    Each slice's dataset (and its pixel bytes) is dropped once decoded, so a slice can be read
+    once. Geometry is that of the `Volume` it would load: `z_mm`, `spacing_mm`, `orientation`
+    and `origin_mm` (the first slice's position) of the slices [start, stop) of the series.
+    """
+
+    def __init__(self, series: _Series, role: str, start: int = 0, stop: int | None = None):
+        self._series, self._role = series, role
+        self._start, self._stop = start, len(series.slices) if stop is None else stop
+        self.z_mm = series.z_mm[self._start:self._stop]
+        self.spacing_mm = (series.dz_mm, *series.pixel_spacing_mm)
+        self.orientation = series.orientation
+        self.origin_mm = shifted_origin(series.slices[0].position_mm, series.orientation,
+                                        series.z_mm[self._start] - series.z_mm[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self._stop - self._start, self._series.rows, self._series.columns)
+
+    def crop(self, start: int, stop: int) -> SeriesReader:
+        """Slices [start, stop) of this reader; the datasets of the slices left out are dropped."""
+        for k, sl in enumerate(self._series.slices):
+            if not self._start + start <= k < self._start + stop:
+                sl.ds = None
+        return SeriesReader(self._series, self._role, self._start + start, self._start + stop)
+
+    def read_hu(self, start: int, stop: int) -> np.ndarray:
+        """Slices [start, stop) in HU, int16 (stop - start, H, W)."""
+        hu = np.empty((stop - start, self._series.rows, self._series.columns), dtype=np.int16)
+        scratch = np.empty(hu.shape[1:], dtype=np.int32)  # reused by the integer rescale
+        for out, k in zip(hu, range(self._start + start, self._start + stop)):
+            sl = self._series.slices[k]
+            if sl.ds is None:
+                raise RuntimeError(f"slice {k} of the {self._role} series was already read or cropped away")
+            ds, sl.ds = sl.ds, None
+            stored = _pixels(ds, self._role, k)  # (H, W)
+            if stored.shape != hu.shape[1:]:
+                raise CaseError(f"cannot decode pixel data: shape {stored.shape} in {self._role} series")
+            slope = 1.0 if sl.slope is None else sl.slope  # None: the whole series has none
+            _rescale(stored, slope, 0.0 if sl.intercept is None else sl.intercept, out, scratch)
+            del ds, stored
+        return hu
+
+    def load(self) -> Volume:
+        """The whole series as a Volume."""
+        return Volume(hu=self.read_hu(0, self.shape[0]), spacing_mm=self.spacing_mm, z_mm=self.z_mm.copy(),
+                      orientation=self.orientation, origin_mm=self.origin_mm)
 
 
 def _pixels(ds: Dataset, role: str, k: int) -> np.ndarray:
@@ -368,6 +430,11 @@ def _pixels(ds: Dataset, role: str, k: int) -> np.ndarray:
         expected = ds.Rows * ds.Columns * (int(ds.BitsAllocated) // 8)
         if len(ds.PixelData) < expected:
             raise truncated
+        if syntax.is_little_endian and ds.BitsAllocated == ds.BitsStored == 16:
+            # What pydicom's native decoder returns for these (no unused bits to mask or sign-
+            # extend), without its per-call set-up: ~10x faster per slice.
+            dtype = "<i2" if ds.PixelRepresentation == 1 else "<u2"
+            return np.frombuffer(ds.PixelData, dtype=dtype, count=ds.Rows * ds.Columns).reshape(ds.Rows, ds.Columns)
     try:
         # pydicom 3 returns stored values here (signed per PixelRepresentation, JPEG 2000
         # sign mismatch corrected); the rescale to HU is ours.
@@ -383,14 +450,20 @@ def _pixels(ds: Dataset, role: str, k: int) -> np.ndarray:
         raise CaseError("cannot decode pixel data: PanicException") from exc
 
 
-def _rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """HU = stored × slope + intercept, rounded, clipped to [air, int16 max].
+def _rescale(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray,
+             scratch: np.ndarray) -> None:
+    """HU = stored × slope + intercept, rounded, clipped to [air, int16 max], into `out` (int16).
 
     Scanners pad outside the circular field of view with values far below air (-2000, -3024),
-    series by series; clipping to air makes thick and thin agree there.
+    series by series; clipping to air makes thick and thin agree there. `scratch` is an int32
+    array of the slice's shape, reused between slices.
     """
-    if slope == 1.0 and float(intercept).is_integer():
-        hu = stored.astype(np.int32) + int(intercept)  # exact integer path, the common case
+    if slope == 1.0 and intercept == 0.0 and stored.dtype == np.int16:
+        np.clip(stored, AIR_HU, _INT16_MAX, out=out)  # stored values are HU already: one pass
+    elif slope == 1.0 and float(intercept).is_integer():
+        np.add(stored, np.int32(intercept), out=scratch, casting="unsafe")  # exact integer path
+        np.clip(scratch, AIR_HU, _INT16_MAX, out=scratch)
+        out[...] = scratch
     else:
         hu = np.rint(stored.astype(np.float64) * slope + intercept)
-    return np.clip(hu, AIR_HU, _INT16_MAX).astype(np.int16)
+        out[...] = np.clip(hu, AIR_HU, _INT16_MAX)

@@ -6,6 +6,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +28,26 @@ def file_digest(path: str | Path) -> str:
             while block := handle.read(_BLOCK_BYTES):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def case_fingerprint(path: str | Path) -> str:
+    """Identity of a case's content. A ZIP is named by its central directory alone: every
+    member's name, CRC-32 of its uncompressed bytes, sizes, compression and offset, and the
+    file's size. Reading that costs milliseconds where hashing the bytes costs ~0.1 s per
+    100 MB; any edit of a member changes its CRC-32 (but for a 1 in 2^32 chance per member).
+    A folder, or a file that is not a readable ZIP, is hashed byte for byte (`file_digest`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return file_digest(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = [(i.filename, i.CRC, i.file_size, i.compress_size, i.compress_type, i.header_offset,
+                        i.flag_bits) for i in zf.infolist()]
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
+        return file_digest(path)  # not a ZIP, or a damaged one: its bytes are its identity
+    text = json.dumps(["zip", path.stat().st_size, members])
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def code_version(*modules: ModuleType | str) -> str:

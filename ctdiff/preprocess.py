@@ -13,24 +13,27 @@ import time
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from ctdiff import dicom
 from ctdiff.cases import CaseRef
 from ctdiff.errors import CaseError
-from ctdiff.fingerprint import code_version, file_digest, settings_digest
+from ctdiff.fingerprint import case_fingerprint, code_version, settings_digest
 from ctdiff.store import CaseStore
-from ctdiff.volume import Volume
+from ctdiff.volume import KINDS, Volume
 
 _RESIZE_BATCH_SLICES = 16  # bounds the float32 working copy during resize
+V = TypeVar("V", Volume, dicom.SeriesReader)
 
 
-def align(thick: Volume, thin: Volume) -> tuple[Volume, Volume]:
+def align(thick: V, thin: V) -> tuple[V, V]:
     """Crop the thin volume to the z-extent the thick slabs cover; positions are kept.
 
     Thick slice k at z_k stands for the slab [z_k - dz/2, z_k + dz/2), dz being the thick
     spacing, so the thin slices kept are those with centres in [z_0 - dz/2, z_last + dz/2).
+    Works on geometry alone: on `Volume`s, or on series not yet decoded (`SeriesReader`).
     """
     dz_thick = thick.spacing_mm[0]
     dz_thin = thin.spacing_mm[0]
@@ -43,18 +46,7 @@ def align(thick: Volume, thin: Volume) -> tuple[Volume, Volume]:
             f"one (z {low:.1f}..{high:.1f} mm)"
         )
     keep = np.flatnonzero((thin.z_mm >= low) & (thin.z_mm < high))
-    return thick, _take_slices(thin, keep[0], keep[-1] + 1)
-
-
-def _take_slices(volume: Volume, start: int, stop: int) -> Volume:
-    normal = np.cross(volume.orientation[:3], volume.orientation[3:])
-    origin = np.asarray(volume.origin_mm) + normal * (volume.z_mm[start] - volume.z_mm[0])
-    return replace(
-        volume,
-        hu=np.ascontiguousarray(volume.hu[start:stop]),
-        z_mm=volume.z_mm[start:stop].copy(),
-        origin_mm=tuple(float(c) for c in origin),
-    )
+    return thick, thin.crop(keep[0], keep[-1] + 1)
 
 
 def resize_inplane(volume: Volume, resolution: int | None) -> Volume:
@@ -90,11 +82,12 @@ def resize_inplane(volume: Volume, resolution: int | None) -> Volume:
 
 @lru_cache(maxsize=4096)
 def _digest_cached(path: str, size: int, mtime_ns: int) -> str:
-    return file_digest(path)
+    return case_fingerprint(path)
 
 
 def case_digest(path: str | Path) -> str:
-    """Content hash of a case file, memoised per (path, size, mtime) within a process."""
+    """Content identity of a case (`case_fingerprint`), memoised per (path, size, mtime) within
+    a process."""
     path = Path(path)
     stat = path.stat()
     return _digest_cached(str(path), stat.st_size, stat.st_mtime_ns)
@@ -143,18 +136,20 @@ def decode_case(
         entry = store.entry(ref.id) or {}
         return {**summary, "status": "quarantined", "reason": entry.get("reason"), "seconds": 0.0}
     try:
-        pair = dicom.read_case(Path(ref.path))
-        thick, thin = align(pair.thick, pair.thin)
+        # The pair is decoded as it is written, chunk by chunk: the (D, H, W) volumes are never
+        # held whole, and the thin slices outside the thick extent are never decoded.
+        case = dicom.open_case(Path(ref.path))
+        thick, thin = align(case.thick, case.thin)
+        store.write_native(
+            ref.id, {"thick": thick, "thin": thin}, key,
+            lambda: {"decode_seconds": time.perf_counter() - start, "n_files": case.n_files,
+                     "n_ignored": case.n_ignored},
+            chunk_slices, level,
+        )
     except CaseError as error:
         quarantine_case(store, ref, error.reason, key=_quarantine_key(key))
         return {**summary, "cached": False, "status": "quarantined", "reason": error.reason,
                 "seconds": time.perf_counter() - start}
-    seconds = time.perf_counter() - start
-    store.write_native(
-        ref.id, {"thick": thick, "thin": thin}, key,
-        {"decode_seconds": seconds, "n_files": pair.n_files, "n_ignored": pair.n_ignored},
-        chunk_slices, level,
-    )
     return {**summary, "cached": False, "seconds": time.perf_counter() - start}
 
 
@@ -169,24 +164,29 @@ def resize_case(
     key = resize_key(native_key, resolution, chunk_slices, level)
     if store.case_key(ref.id) == key:
         return {**store.entry(ref.id), "cached": True}
-    native = {kind: store.read_native(ref.id, kind) for kind in ("thick", "thin")}
-    resized = {kind: resize_inplane(volume, resolution) for kind, volume in native.items()}
-    is_identity = all(resized[k] is native[k] for k in resized)
+    shapes = {kind: store.native_shape(ref.id, kind) for kind in KINDS}
+    if resolution is None or all(shape[1:] == (resolution, resolution) for shape in shapes.values()):
+        resized = {}  # the native arrays are the case: nothing to read or write
+        spacing = {kind: store.native_spacing(ref.id, kind) for kind in KINDS}
+    else:
+        resized = {kind: resize_inplane(store.read_native(ref.id, kind), resolution) for kind in KINDS}
+        shapes = {kind: volume.shape for kind, volume in resized.items()}
+        spacing = {kind: volume.spacing_mm for kind, volume in resized.items()}
     entry = {
         "id": ref.id,
         "status": "ok",
         "reason": None,
         "category": ref.category,
-        "n_thick": resized["thick"].shape[0],
-        "n_thin": resized["thin"].shape[0],
-        "shape_hw": list(resized["thin"].shape[1:]),
-        "spacing_thick_mm": list(resized["thick"].spacing_mm),
-        "spacing_thin_mm": list(resized["thin"].spacing_mm),
+        "n_thick": shapes["thick"][0],
+        "n_thin": shapes["thin"][0],
+        "shape_hw": list(shapes["thin"][1:]),
+        "spacing_thick_mm": list(spacing["thick"]),
+        "spacing_thin_mm": list(spacing["thin"]),
         "source_digest": case_digest(ref.path),
     }
     decode_seconds = store.native_attrs(ref.id).get("decode_seconds", 0.0)
     entry["seconds"] = round(decode_seconds + time.perf_counter() - start, 3)
-    store.write_case(ref.id, {} if is_identity else resized, key, entry, chunk_slices, level)
+    store.write_case(ref.id, resized, key, entry, chunk_slices, level)
     return {**entry, "cached": False}
 
 

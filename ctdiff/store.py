@@ -23,7 +23,8 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,10 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from ctdiff.atomic import replace_dir
-from ctdiff.volume import Kind, Volume
+from ctdiff.volume import Kind, SliceSource, Volume
 
 STORE_FORMAT = 1
+Attrs = dict[str, Any] | Callable[[], dict[str, Any]]
 _WRITER = ".writer"  # in a staged group while its writer fills it; see _write_group
 
 # What a filesystem answers to writes that no retry will change.
@@ -122,7 +124,18 @@ class CaseStore:
         return _read_volume(group[kind], z_slice)
 
     def read_native(self, case_id: str, kind: Kind) -> Volume:
-        return _read_volume(zarr.open_group(self.path / "native" / case_id, mode="r")[kind])
+        return _read_volume(self._native_array(case_id, kind))
+
+    def native_shape(self, case_id: str, kind: Kind) -> tuple[int, int, int]:
+        """(D, H, W) of a decoded volume, without reading it."""
+        return tuple(self._native_array(case_id, kind).shape)  # type: ignore[return-value]
+
+    def native_spacing(self, case_id: str, kind: Kind) -> tuple[float, float, float]:
+        """(dz, dy, dx) in mm of a decoded volume, without reading it."""
+        return tuple(self._native_array(case_id, kind).attrs["spacing_mm"])  # type: ignore[return-value]
+
+    def _native_array(self, case_id: str, kind: Kind) -> zarr.Array:
+        return zarr.open_group(self.path / "native" / case_id, mode="r")[kind]
 
     def native_key(self, case_id: str) -> str | None:
         group = self._open(self.path / "native" / case_id)
@@ -160,14 +173,20 @@ class CaseStore:
                 self._discard(staged)
 
     def write_native(
-        self, case_id: str, volumes: dict[Kind, Volume], key: str, attrs: dict, chunk_slices: int, level: int
+        self, case_id: str, volumes: dict[Kind, SliceSource], key: str, attrs: Attrs, chunk_slices: int,
+        level: int,
     ) -> None:
         """Write a case's decoded arrays. New arrays (a new key) first withdraw the case made from
-        the old ones: a run killed in between leaves the case absent, not an old entry over them."""
+        the old ones: a run killed in between leaves the case absent, not an old entry over them.
+        `volumes` are read chunk by chunk (a `SeriesReader` decodes as it goes); `attrs` may be a
+        function, called once they are written."""
         if self.native_key(case_id) != key:
             with self._refusals():
                 self._discard(self.path / "cases" / case_id)
-        self._write_group("native", case_id, volumes, {"key": key, **attrs}, chunk_slices, level)
+        def native_attrs() -> dict[str, Any]:
+            return {"key": key, **(attrs() if callable(attrs) else attrs)}
+
+        self._write_group("native", case_id, volumes, native_attrs, chunk_slices, level)
 
     def write_case(
         self, case_id: str, volumes: dict[Kind, Volume], key: str, entry: dict, chunk_slices: int, level: int
@@ -199,7 +218,8 @@ class CaseStore:
         return zarr.open_group(path, mode="r") if (path / "zarr.json").is_file() else None
 
     def _write_group(
-        self, level_name: str, case_id: str, volumes: dict[Kind, Volume], attrs: dict, chunk_slices: int, level: int
+        self, level_name: str, case_id: str, volumes: dict[Kind, SliceSource], attrs: Attrs, chunk_slices: int,
+        level: int,
     ) -> None:
         """Write a group in staging, then move it onto `<level_name>/<case_id>`.
 
@@ -215,6 +235,8 @@ class CaseStore:
                 (staging / _WRITER).touch()
                 for kind, volume in volumes.items():
                     _write_volume(group, kind, volume, chunk_slices, level)
+                if callable(attrs):
+                    attrs = attrs()
                 group.attrs.update(attrs)  # last: staging content is complete from here on
                 (staging / _WRITER).unlink()  # FileNotFoundError: cleared under us, not moved in
                 self._move_in(staging, self.path / level_name / case_id, attrs["key"])
@@ -266,17 +288,28 @@ class CaseStore:
             raise UnwritableError(f"cannot write the case store {self.path}: {reason}") from error
 
 
-def _write_volume(group: zarr.Group, kind: str, volume: Volume, chunk_slices: int, level: int) -> None:
+def _write_volume(group: zarr.Group, kind: str, volume: SliceSource, chunk_slices: int, level: int) -> None:
+    """Write `volume` one chunk of slices at a time; the write of a chunk (compression, which
+    releases the GIL) overlaps reading the next (for a `SeriesReader`, decoding it)."""
     depth, height, width = volume.shape
+    chunk = min(chunk_slices, depth)
     array = group.create_array(
         kind,
         shape=volume.shape,
-        chunks=(min(chunk_slices, depth), height, width),
+        chunks=(chunk, height, width),
         dtype="int16",
         compressors=BloscCodec(cname="zstd", clevel=level, shuffle=BloscShuffle.bitshuffle),
         fill_value=-1024,
     )
-    array[:] = volume.hu
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctdiff-write") as writer:
+        pending: Future | None = None
+        for start in range(0, depth, chunk):
+            hu = volume.read_hu(start, min(start + chunk, depth))
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(array.__setitem__, slice(start, start + len(hu)), hu)
+        if pending is not None:
+            pending.result()
     array.attrs.update(
         {
             "spacing_mm": [float(s) for s in volume.spacing_mm],

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -44,3 +44,37 @@ class Volume:
     def window(self, center_hu: float, width_hu: float) -> np.ndarray:
         """Model input: HU clipped to the window and scaled to [0, 1], float32 (D, H, W)."""
         return apply_window(self.hu, center_hu, width_hu)
+
+    def read_hu(self, start: int, stop: int) -> np.ndarray:
+        """Slices [start, stop) of `hu` (a view)."""
+        return self.hu[start:stop]
+
+    def crop(self, start: int, stop: int) -> Volume:
+        """Slices [start, stop), with the origin moved to the first of them."""
+        return replace(
+            self,
+            hu=np.ascontiguousarray(self.hu[start:stop]),
+            z_mm=self.z_mm[start:stop].copy(),
+            origin_mm=shifted_origin(self.origin_mm, self.orientation, self.z_mm[start] - self.z_mm[0]),
+        )
+
+
+class SliceSource(Protocol):
+    """A volume's geometry and its HU read in runs of slices: a `Volume`, or a DICOM series
+    decoded as it is read (`ctdiff.dicom.SeriesReader`), which the store writes chunk by chunk
+    without ever holding the whole (D, H, W) array."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]: ...
+    spacing_mm: tuple[float, float, float]
+    z_mm: np.ndarray
+    orientation: tuple[float, ...]
+    origin_mm: tuple[float, float, float]
+
+    def read_hu(self, start: int, stop: int) -> np.ndarray: ...
+
+
+def shifted_origin(origin_mm, orientation, distance_mm: float) -> tuple[float, float, float]:
+    """`origin_mm` moved `distance_mm` along the slice normal of `orientation`."""
+    normal = np.cross(orientation[:3], orientation[3:])
+    return tuple(float(c) for c in np.asarray(origin_mm) + normal * distance_mm)  # type: ignore[return-value]

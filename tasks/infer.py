@@ -9,7 +9,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from ctdiff.fingerprint import code_version, file_digest, settings_digest
+from ctdiff.fingerprint import case_fingerprint, code_version, settings_digest
 from tasks.training import OutputCache, is_transient
 
 
@@ -26,7 +26,7 @@ def _case_key(inputs: dict[str, Any]) -> str:
     this task and of every ctdiff module it imports (ctdiff.fingerprint)."""
     output = inputs["output"]
     return settings_digest(
-        "infer", file_digest(inputs["ref"]["path"]), inputs["checkpoint"]["digest"], inputs["seed"],
+        "infer", case_fingerprint(inputs["ref"]["path"]), inputs["checkpoint"]["digest"], inputs["seed"],
         inputs["sample_steps"], inputs["samples"], output.endswith((".nii", ".nii.gz")), code_version(__name__),
     )
 

@@ -39,7 +39,7 @@ from pydicom.uid import (
 )
 
 from ctdiff.archive import ArchiveLimits, iter_members
-from ctdiff.dicom import CasePair, read_case
+from ctdiff.dicom import CasePair, open_case, read_case
 from ctdiff.errors import CaseError
 
 SHAPE = (32, 40)  # (H, W): not square, to catch swapped axes; J2K needs >= 32 per side
@@ -635,3 +635,85 @@ def test_corrupt_bzip2_member_is_corrupt_zip(tmp_path, rng):
         data[at: at + 2] = zipfile.ZIP_BZIP2.to_bytes(2, "little")
     path.write_bytes(bytes(data))
     assert reason(path) == "corrupt zip: bad member #3"
+
+
+# ---------------------------------------------------------------------- reading in pieces
+
+
+def test_open_case_reads_in_runs_what_read_case_loads(tmp_path, rng):
+    case = make_case(rng, slope=2.0, intercept=-2048.0)
+    path = write_zip(tmp_path / "c.zip", case.members, rng)
+    whole = read_case(path)
+    opened = open_case(path)
+    assert (opened.n_files, opened.n_ignored) == (whole.n_files, whole.n_ignored)
+    for reader, volume in ((opened.thin, whole.thin), (opened.thick, whole.thick)):
+        assert reader.shape == volume.shape and reader.spacing_mm == volume.spacing_mm
+        np.testing.assert_array_equal(reader.z_mm, volume.z_mm)
+        assert reader.origin_mm == volume.origin_mm and reader.orientation == volume.orientation
+        depth = volume.shape[0]
+        runs = [reader.read_hu(start, min(start + 3, depth)) for start in range(0, depth, 3)]
+        np.testing.assert_array_equal(np.concatenate(runs), volume.hu)
+    with pytest.raises(RuntimeError, match="already read"):  # its dataset was dropped
+        opened.thin.read_hu(0, 1)
+
+
+def test_cropped_reader_is_the_cropped_volume(tmp_path, rng):
+    case = make_case(rng)
+    path = write_zip(tmp_path / "c.zip", case.members, rng)
+    expected = read_case(path).thin.crop(2, 7)
+    cropped = open_case(path).thin.crop(2, 7)
+    assert cropped.shape == expected.shape and cropped.origin_mm == expected.origin_mm
+    np.testing.assert_array_equal(cropped.z_mm, expected.z_mm)
+    np.testing.assert_array_equal(cropped.read_hu(0, 5), expected.hu)
+
+
+@pytest.mark.parametrize("signed, bits_stored", [(False, 16), (True, 16), (True, 12), (False, 12)])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                    DeflatedExplicitVRLittleEndian], ids=lambda s: s.keyword)
+def test_native_pixels_equal_pydicoms_decoder(rng, syntax, signed, bits_stored):
+    """16-bit native pixels are read straight from the buffer; pydicom decodes the rest."""
+    from ctdiff.dicom import _pixels
+
+    stored = stored_volume(rng, (1, 12, 10), signed)[0]
+    if bits_stored == 12:
+        stored = stored >> 4  # values that fit 12 bits
+    data = ct_slice(stored, (0.0, 0.0, 0.0), series_uid=generate_uid(), study_uid=generate_uid(),
+                    bits_stored=bits_stored, syntax=syntax)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ours = _pixels(ds, "thin", 0)
+    assert ours.dtype == ds.pixel_array.dtype
+    np.testing.assert_array_equal(ours, ds.pixel_array)
+    np.testing.assert_array_equal(ours, stored)
+
+
+def test_zip_members_read_as_zipfile_reads_them(tmp_path, rng):
+    """Deflated and stored members take ISA-L's path, bzip2 and lzma zipfile's; all equal."""
+    path = tmp_path / "mixed.zip"
+    payloads = [rng.bytes(3000) + bytes(5000), b"", b"x" * 70000, rng.bytes(10)]
+    methods = [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
+    with zipfile.ZipFile(path, "w") as zf:
+        for k, (data, method) in enumerate(zip(payloads * 2, methods + methods[::-1])):
+            zf.writestr(f"m{k}.bin", data, compress_type=method)
+    with zipfile.ZipFile(path) as zf:
+        expected = [zf.read(info) for info in zf.infolist()]
+    assert list(iter_members(path)) == expected
+
+
+def test_deflated_member_damage_names_member_index(tmp_path, rng):
+    path = write_zip(tmp_path / "d.zip", make_case(rng).members, rng)
+    with zipfile.ZipFile(path) as zf:
+        info = zf.infolist()[4]
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename.encode()) + 200] ^= 0x5A  # deflate stream
+    path.write_bytes(bytes(data))
+    assert reason(path) == "corrupt zip: bad member #4"
+
+
+def test_local_header_not_matching_directory_is_corrupt(tmp_path, rng):
+    path = write_zip(tmp_path / "h.zip", make_case(rng).members, rng)
+    with zipfile.ZipFile(path) as zf:
+        info = zf.infolist()[2]
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30] ^= 0x01  # first byte of the local header's file name
+    path.write_bytes(bytes(data))
+    assert reason(path) == "corrupt zip: bad member #2"
