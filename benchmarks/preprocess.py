@@ -9,7 +9,10 @@ Prints one JSON document to stdout (progress goes to stderr) with:
 - floor     (c) inflating every ZIP member in memory and nothing else: no preprocessing can be
             faster than reading its input.
 - baseline  (b) the seeds' approach done plainly: extract the ZIP to disk, pydicom per file,
-            float32 HU, window 40/400, bilinear resize, `torch.save`, one process.
+            float32 HU, window 40/400, bilinear resize, `torch.save`, one process; run twice:
+            in this process, and in a child whose glibc keeps and reuses its heap (so the
+            page faults of its ~1.4 GB of fresh arrays per case are paid once). The throughput
+            target is held against the faster of the two.
 - ctdiff    (a) `decode_case` + `resize_case` into a fresh CaseStore on a Dask LocalCluster of
             1 and 2 worker processes, at resolution 512 (native: the resize is the identity) and
             256; plus a losslessness check of the stored HU against `read_case` + `align`, and
@@ -65,6 +68,7 @@ WORKER_COUNTS = (1, 2)
 WINDOW_CENTER_HU, WINDOW_WIDTH_HU = 40.0, 400.0  # the seeds' soft-tissue window
 MAX_TILT_COS = 0.98  # baseline: |slice normal . z| above this is an axial slice
 BASELINE = "seeds' approach: extract ZIP, pydicom per file, float32 window+bilinear resize, torch.save"
+HEAP_REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}  # no mmap, never trim
 RESULT_PREFIX = "BENCH_RESULT "  # marks the one line a child process reports on stdout
 
 # Run inside a fresh interpreter: load this file as a module (no module-level work) and call it.
@@ -168,6 +172,17 @@ def baseline_case(zip_path: str, cache_dir: str, resolution: int = 512) -> str:
     out = Path(cache_dir) / f"{case_id}.pt"
     torch.save({"input": prepare(thick_hu), "target": prepare(thin_hu)}, out)
     return str(out)
+
+
+def baseline_all(zip_paths_json: str) -> list[float]:
+    """The baseline over several cases in this process; seconds per case."""
+    seconds = []
+    with tempfile.TemporaryDirectory(prefix="baseline-") as cache_dir:
+        for path in json.loads(zip_paths_json):
+            start = time.perf_counter()
+            baseline_case(path, cache_dir)
+            seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 # -- (a) ctdiff ---------------------------------------------------------------------------------
@@ -439,6 +454,14 @@ def run_benchmark(n_cases: int, work: Path, skip_prefect: bool) -> dict:
     report["baseline_run"] = {**_rates(sum(per_case), n_cases, n_slices), "resolution": 512,
                               "per_case_seconds": [round(s, 3) for s in per_case],
                               "cache_bytes": baseline_bytes}
+    # The baseline allocates ~1.4 GB of fresh arrays per case; where first-touch page faults are
+    # slow (some VMs), that alone can double its time. The same script with glibc told to keep
+    # and reuse its heap pays them once, for the first case: the fairer reference.
+    log("baseline again, in a process that reuses its heap (page faults paid once)")
+    runs, _ = run_child("baseline_all", json.dumps([ref.path for ref in refs]), env={**base_env, **HEAP_REUSE_ENV})
+    report["baseline_heap_reuse_run"] = {
+        **_rates(sum(runs), n_cases, n_slices), "resolution": 512, "env": HEAP_REUSE_ENV,
+        "per_case_seconds": [round(s, 3) for s in runs]}
 
     ctdiff_runs: dict[str, dict] = {}
     configurations = [(f"res{r}_w{w}", r, w, ()) for r in RESOLUTIONS for w in WORKER_COUNTS]
@@ -499,8 +522,9 @@ def run_benchmark(n_cases: int, work: Path, skip_prefect: bool) -> dict:
 
 def evaluate_targets(report: dict) -> dict:
     baseline = report["baseline_run"]
+    fastest = max(baseline["cases_per_s"], report["baseline_heap_reuse_run"]["cases_per_s"])
     c1, c2 = report["ctdiff"]["res512_w1"], report["ctdiff"]["res512_w2"]
-    throughput = c2["cases_per_s"] / baseline["cases_per_s"]
+    throughput = c2["cases_per_s"] / fastest  # against the faster of the two baseline runs
     cache = c2["cache_bytes"] / baseline["cache_bytes"]
     floor = c1["seconds"] / report["floor"]["seconds"]
     memory = max(report["peak_memory_per_worker"][k]["multiple_of_raw_hu"] for k in ("ctdiff_res512", "ctdiff_res256"))

@@ -6,11 +6,12 @@
 Synthetic cases (`--size`² px, `--n-thin` thin slices, default 256² and 150) are written once
 and the first N of them go through the `preprocess` command (2 Dask workers, a fresh store, the
 local background server started beforehand so its start-up is not counted) for each N. For
-each N it reports: wall seconds and seconds per case (flat when no work grows with N², such as
-rewriting a manifest per case), the peak RSS of each Dask worker (sampled every 0.2 s with
-psutil; it includes the ~230 MB a worker holds in code before any case) against the in-memory
-size of one case's HU, and the sizes of the Prefect artifacts the
-run made (what the UI loads). Baseline: the smallest N's seconds per case, same run.
+each N it reports: wall seconds, seconds per case and the marginal seconds per case of the cases
+added since the previous N (flat when no work grows with N², such as rewriting a manifest per
+case), the peak RSS of each Dask worker (sampled every 0.2 s with psutil) and that peak less the
+RSS of a process holding a worker's imports ("work" memory) against the in-memory size of one
+case's HU, and the sizes of the Prefect artifacts the run made (what the UI loads). Baseline:
+the smallest N's seconds per case, same run.
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ class WorkerPeaks:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def worker_code_rss_mb(env: dict[str, str]) -> float:
+    """RSS of a fresh process holding what a preprocess Dask worker imports before its first
+    case: its peak minus this is the memory the work itself takes."""
+    code = ("import resource, distributed, prefect, numpy, zarr, pydicom, isal, ctdiff.preprocess, tasks.preprocess; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         check=True)
+    return round(int(out.stdout.split()[-1]) / 1024, 1)  # ru_maxrss is in KiB on Linux
 
 
 def artifact_bytes(api_url: str, flow_run_ids: set[str]) -> dict[str, int]:
@@ -137,13 +148,24 @@ def main() -> int:
     finally:
         subprocess.run([*CTDIFF, "server", "stop"], cwd=work, env=env, capture_output=True)
     base = rows[0]["seconds_per_case"]
+    code_mb = worker_code_rss_mb(env)
+    previous = None
     for row in rows:
         row["per_case_vs_smallest"] = round(row["seconds_per_case"] / base, 2)
+        # The cost of the cases added since the previous N: flat when nothing grows with N.
+        if previous is not None:
+            row["marginal_seconds_per_case"] = round(
+                (row["seconds"] - previous["seconds"]) / (row["cases"] - previous["cases"]), 3)
+        row["worker_work_mb"] = [round(mb - code_mb) for mb in row["worker_peak_rss_mb"]]
+        row["worker_work_over_case_hu"] = [round((mb - code_mb) * 2**20 / case_hu_bytes, 2)
+                                           for mb in row["worker_peak_rss_mb"]]
+        previous = row
     print(json.dumps({
         "benchmark": "scale", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
         "cpus": len(os.sched_getaffinity(0)), "case": {"size": args.size, "n_thin": args.n_thin,
                                                         "hu_bytes": case_hu_bytes},
-        "baseline": "seconds per case at the smallest N, same run", "results": rows,
+        "baseline": "seconds per case at the smallest N, same run", "worker_code_rss_mb": code_mb,
+        "results": rows,
     }, indent=2))
     return 0
 

@@ -368,6 +368,7 @@ class SeriesReader:
         self.orientation = series.orientation
         self.origin_mm = shifted_origin(series.slices[0].position_mm, series.orientation,
                                         series.z_mm[self._start] - series.z_mm[0])
+        self._scratch: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -380,10 +381,14 @@ class SeriesReader:
                 sl.ds = None
         return SeriesReader(self._series, self._role, self._start + start, self._start + stop)
 
-    def read_hu(self, start: int, stop: int) -> np.ndarray:
-        """Slices [start, stop) in HU, int16 (stop - start, H, W)."""
-        hu = np.empty((stop - start, self._series.rows, self._series.columns), dtype=np.int16)
-        scratch = np.empty(hu.shape[1:], dtype=np.int32)  # reused by the integer rescale
+    def read_hu(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Slices [start, stop) in HU, int16 (stop - start, H, W); into `out` if given."""
+        shape = (stop - start, self._series.rows, self._series.columns)
+        hu = np.empty(shape, dtype=np.int16) if out is None else out[: shape[0]]
+        assert hu.shape == shape and hu.dtype == np.int16, (hu.shape, hu.dtype)
+        if self._scratch is None:  # reused by the integer rescale: no fresh pages per slice
+            self._scratch = np.empty(shape[1:], dtype=np.int32)
+        scratch = self._scratch
         for out, k in zip(hu, range(self._start + start, self._start + stop)):
             sl = self._series.slices[k]
             if sl.ds is None:
@@ -406,10 +411,12 @@ class SeriesReader:
 def _pixels(ds: Dataset, role: str, k: int) -> np.ndarray:
     """Stored values of one slice, as pydicom decodes them (no modality LUT applied)."""
     truncated = CaseError(f"truncated DICOM in {role} series, slice {k}")
-    if "PixelData" not in ds or ds.PixelData is None:
+    pixel_data = ds.get("PixelData")
+    if pixel_data is None:
         raise truncated
-    for keyword in _PIXEL_MODULE:  # else pydicom fails with a bare AttributeError, or we do
-        if ds.get(keyword) is None:
+    module = {keyword: ds.get(keyword) for keyword in _PIXEL_MODULE}
+    for keyword, value in module.items():  # else pydicom fails with a bare AttributeError, or we do
+        if value is None:
             raise CaseError(f"missing {keyword} in {role} series, slice {k}")
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if not syntax:  # absent, or present and empty
@@ -427,14 +434,14 @@ def _pixels(ds: Dataset, role: str, k: int) -> np.ndarray:
         if ds["PixelData"].is_undefined_length:  # its fragments would be read as pixels
             raise CaseError(f"encapsulated pixel data under uncompressed transfer syntax "
                             f"{syntax.name} in {role} series, slice {k}")
-        expected = ds.Rows * ds.Columns * (int(ds.BitsAllocated) // 8)
-        if len(ds.PixelData) < expected:
+        rows, columns, bits = ds.Rows, ds.Columns, int(module["BitsAllocated"])
+        if len(pixel_data) < rows * columns * (bits // 8):
             raise truncated
-        if syntax.is_little_endian and ds.BitsAllocated == ds.BitsStored == 16:
+        if syntax.is_little_endian and bits == module["BitsStored"] == 16:
             # What pydicom's native decoder returns for these (no unused bits to mask or sign-
             # extend), without its per-call set-up: ~10x faster per slice.
-            dtype = "<i2" if ds.PixelRepresentation == 1 else "<u2"
-            return np.frombuffer(ds.PixelData, dtype=dtype, count=ds.Rows * ds.Columns).reshape(ds.Rows, ds.Columns)
+            dtype = "<i2" if module["PixelRepresentation"] == 1 else "<u2"
+            return np.frombuffer(pixel_data, dtype=dtype, count=rows * columns).reshape(rows, columns)
     try:
         # pydicom 3 returns stored values here (signed per PixelRepresentation, JPEG 2000
         # sign mismatch corrected); the rescale to HU is ours.
@@ -458,9 +465,7 @@ def _rescale(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray
     series by series; clipping to air makes thick and thin agree there. `scratch` is an int32
     array of the slice's shape, reused between slices.
     """
-    if slope == 1.0 and intercept == 0.0 and stored.dtype == np.int16:
-        np.clip(stored, AIR_HU, _INT16_MAX, out=out)  # stored values are HU already: one pass
-    elif slope == 1.0 and float(intercept).is_integer():
+    if slope == 1.0 and float(intercept).is_integer():
         np.add(stored, np.int32(intercept), out=scratch, casting="unsafe")  # exact integer path
         np.clip(scratch, AIR_HU, _INT16_MAX, out=scratch)
         out[...] = scratch

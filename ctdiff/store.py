@@ -298,16 +298,19 @@ def _write_volume(group: zarr.Group, kind: str, volume: SliceSource, chunk_slice
         shape=volume.shape,
         chunks=(chunk, height, width),
         dtype="int16",
-        compressors=BloscCodec(cname="zstd", clevel=level, shuffle=BloscShuffle.bitshuffle),
+        compressors=BloscCodec(cname="lz4", clevel=level, shuffle=BloscShuffle.bitshuffle),
         fill_value=-1024,
     )
+    # Two buffers, used in turn: one is read into while the other is being written.
+    buffers = [np.empty((chunk, height, width), dtype=np.int16) for _ in range(2)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctdiff-write") as writer:
         pending: Future | None = None
-        for start in range(0, depth, chunk):
-            hu = volume.read_hu(start, min(start + chunk, depth))
+        for n, start in enumerate(range(0, depth, chunk)):
+            stop = min(start + chunk, depth)
+            hu = volume.read_hu(start, stop, out=buffers[n % 2][: stop - start])
             if pending is not None:
                 pending.result()
-            pending = writer.submit(array.__setitem__, slice(start, start + len(hu)), hu)
+            pending = writer.submit(array.__setitem__, slice(start, stop), hu)
         if pending is not None:
             pending.result()
     array.attrs.update(

@@ -45,8 +45,8 @@ class Volume:
         """Model input: HU clipped to the window and scaled to [0, 1], float32 (D, H, W)."""
         return apply_window(self.hu, center_hu, width_hu)
 
-    def read_hu(self, start: int, stop: int) -> np.ndarray:
-        """Slices [start, stop) of `hu` (a view)."""
+    def read_hu(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Slices [start, stop) of `hu`: a view (`out` is not needed)."""
         return self.hu[start:stop]
 
     def crop(self, start: int, stop: int) -> Volume:
@@ -71,7 +71,8 @@ class SliceSource(Protocol):
     orientation: tuple[float, ...]
     origin_mm: tuple[float, float, float]
 
-    def read_hu(self, start: int, stop: int) -> np.ndarray: ...
+    def read_hu(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Slices [start, stop) as int16 (stop - start, H, W); `out` may receive them."""
 
 
 def shifted_origin(origin_mm, orientation, distance_mm: float) -> tuple[float, float, float]:
