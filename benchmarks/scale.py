@@ -9,8 +9,8 @@ local background server started beforehand so its start-up is not counted) for e
 each N it reports: wall seconds, seconds per case and the marginal seconds per case of the cases
 added since the previous N (flat when no work grows with N², such as rewriting a manifest per
 case), the peak RSS of each Dask worker (sampled every 0.2 s with psutil) and that peak less the
-RSS of a process holding a worker's imports ("work" memory) against the in-memory size of one
-case's HU, and the sizes of the Prefect artifacts the run made (what the UI loads). Baseline:
+worker peak of a run of two tiny (32 px) cases, i.e. less code and Prefect/Dask runtime ("work"
+memory), against the in-memory size of one case's HU, and the sizes of the Prefect artifacts the run made (what the UI loads). Baseline:
 the smallest N's seconds per case, same run.
 """
 
@@ -67,16 +67,6 @@ class WorkerPeaks:
         self._thread.join()
 
 
-def worker_code_rss_mb(env: dict[str, str]) -> float:
-    """RSS of a fresh process holding what a preprocess Dask worker imports before its first
-    case: its peak minus this is the memory the work itself takes."""
-    code = ("import resource, distributed, prefect, numpy, zarr, pydicom, isal, ctdiff.preprocess, tasks.preprocess; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                         check=True)
-    return round(int(out.stdout.split()[-1]) / 1024, 1)  # ru_maxrss is in KiB on Linux
-
-
 def artifact_bytes(api_url: str, flow_run_ids: set[str]) -> dict[str, int]:
     import httpx
 
@@ -113,8 +103,33 @@ def main() -> int:
     subprocess.run([*CTDIFF, "server", "start"], cwd=work, env=env, check=True, capture_output=True)
     api_url = json.loads((work / "home" / "ctdiff-server.json").read_text())["api_url"]
     case_hu_bytes = args.size * args.size * (args.n_thin + args.n_thin // 5) * 2  # int16 thin + thick
+    tiny = work / "tiny"  # 2 cases of 32 px: a worker's memory with the runtime and no case data
+    if not tiny.is_dir():
+        synthesize(tiny, SynthSpec(n_cases=2, size=32, n_thin=20, seed=7))
+
+    def run(subset: Path, name: str) -> dict:
+        before = {r["id"] for r in httpx.post(f"{api_url}/flow_runs/filter", json={}).json()}
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            [*CTDIFF, "preprocess", "--set", f"paths.input={subset}", "--set", f"paths.store={work}/store-{name}.zarr",
+             "--set", f"paths.work={work}/work-{name}", "--set", "preprocess.resolution=null",
+             "--set", "preprocess.dask.n_workers=2", "--set", "preprocess.dask.memory_limit=4GiB"],
+            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        with WorkerPeaks(process.pid) as peaks:
+            _, err = process.communicate()
+        seconds = time.perf_counter() - start
+        if process.returncode != 0:
+            raise RuntimeError(f"preprocess of {subset} failed:\n{err[-3000:]}")
+        runs = {r["id"] for r in httpx.post(f"{api_url}/flow_runs/filter", json={}).json()} - before
+        return {"seconds": round(seconds, 1), "worker_peak_rss_mb": [round(p / 2**20) for p in
+                                                                    sorted(peaks.peaks.values(), reverse=True)[:2]],
+                "artifact_bytes": artifact_bytes(api_url, runs)}
+
     rows = []
     try:
+        log("runtime memory: 2 tiny cases")
+        runtime_mb = max(run(tiny, "tiny")["worker_peak_rss_mb"])
         for n in sorted(args.sizes):
             subset = work / f"in-{n}"
             if not subset.is_dir():
@@ -122,33 +137,14 @@ def main() -> int:
                     target = subset / path.relative_to(cases)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.symlink_to(path)
-            before = {r["id"] for r in httpx.post(f"{api_url}/flow_runs/filter", json={}).json()}
             log(f"N = {n}: preprocess")
-            start = time.perf_counter()
-            process = subprocess.Popen(
-                [*CTDIFF, "preprocess", "--set", f"paths.input={subset}", "--set", f"paths.store={work}/store-{n}.zarr",
-                 "--set", f"paths.work={work}/work-{n}", "--set", "preprocess.resolution=null",
-                 "--set", "preprocess.dask.n_workers=2", "--set", "preprocess.dask.memory_limit=4GiB"],
-                cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            )
-            with WorkerPeaks(process.pid) as peaks:
-                _, err = process.communicate()
-            seconds = time.perf_counter() - start
-            if process.returncode != 0:
-                raise RuntimeError(f"preprocess of {n} cases failed:\n{err[-3000:]}")
-            runs = {r["id"] for r in httpx.post(f"{api_url}/flow_runs/filter", json={}).json()} - before
-            worker_peaks = sorted(peaks.peaks.values(), reverse=True)[:2]
-            rows.append({
-                "cases": n, "seconds": round(seconds, 1), "seconds_per_case": round(seconds / n, 3),
-                "worker_peak_rss_mb": [round(p / 2**20) for p in worker_peaks],
-                "worker_peak_over_case_hu": [round(p / case_hu_bytes, 2) for p in worker_peaks],
-                "artifact_bytes": artifact_bytes(api_url, runs),
-            })
+            row = {"cases": n, **run(subset, str(n))}
+            row["seconds_per_case"] = round(row["seconds"] / n, 3)
+            rows.append(row)
             log(json.dumps(rows[-1]))
     finally:
         subprocess.run([*CTDIFF, "server", "stop"], cwd=work, env=env, capture_output=True)
     base = rows[0]["seconds_per_case"]
-    code_mb = worker_code_rss_mb(env)
     previous = None
     for row in rows:
         row["per_case_vs_smallest"] = round(row["seconds_per_case"] / base, 2)
@@ -156,15 +152,15 @@ def main() -> int:
         if previous is not None:
             row["marginal_seconds_per_case"] = round(
                 (row["seconds"] - previous["seconds"]) / (row["cases"] - previous["cases"]), 3)
-        row["worker_work_mb"] = [round(mb - code_mb) for mb in row["worker_peak_rss_mb"]]
-        row["worker_work_over_case_hu"] = [round((mb - code_mb) * 2**20 / case_hu_bytes, 2)
+        row["worker_work_mb"] = [round(mb - runtime_mb) for mb in row["worker_peak_rss_mb"]]
+        row["worker_work_over_case_hu"] = [round((mb - runtime_mb) * 2**20 / case_hu_bytes, 2)
                                            for mb in row["worker_peak_rss_mb"]]
         previous = row
     print(json.dumps({
         "benchmark": "scale", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
         "cpus": len(os.sched_getaffinity(0)), "case": {"size": args.size, "n_thin": args.n_thin,
                                                         "hu_bytes": case_hu_bytes},
-        "baseline": "seconds per case at the smallest N, same run", "worker_code_rss_mb": code_mb,
+        "baseline": "seconds per case at the smallest N, same run", "worker_runtime_rss_mb": runtime_mb,
         "results": rows,
     }, indent=2))
     return 0

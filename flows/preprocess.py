@@ -37,9 +37,12 @@ def ingest_cases(refs: list[dict], store_path: str, config: Config) -> None:
     resizer = resize_case.with_options(**retry)
     decodes = {decoder.submit(ref, **args): ref for ref in refs}
     resizes = {}
+    # Each future is dropped once read (`pop`; `as_completed` is given an iterator, which lets go
+    # of its list when exhausted): Dask then frees the task's result on its worker at once, so a
+    # worker's memory does not grow with the number of cases.
     with Progress(len(refs), "case", "preprocess") as progress:
-        for future in as_completed(list(decodes)):
-            ref = decodes[future]
+        for future in as_completed(iter(list(decodes))):
+            ref = decodes.pop(future)
             summary, error = _outcome(future)
             if error is not None:
                 quarantine_case(ref, store_path, failure_reason(error))
@@ -48,8 +51,8 @@ def ingest_cases(refs: list[dict], store_path: str, config: Config) -> None:
                 progress.advance(quarantined=ref["id"])
             else:
                 resizes[resizer.submit(ref, resolution=cfg.resolution, **args)] = ref
-        for future in as_completed(list(resizes)):
-            ref = resizes[future]
+        for future in as_completed(iter(list(resizes))):
+            ref = resizes.pop(future)
             _, error = _outcome(future)
             if error is not None:
                 quarantine_case(ref, store_path, failure_reason(error))

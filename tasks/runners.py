@@ -104,6 +104,9 @@ def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
     # (distributed.scheduler.allowed-failures, then KilledWorker): hold only the running case,
     # none queued behind it, so that only that case is blamed.
     dask.config.set({"distributed.scheduler.worker-saturation": 1.0})
+    # No statistical profiler in the workers (the cluster has no dashboard to show it): its
+    # samples accumulate for the worker's life, ~0.2 MB per case (benchmarks/scale.py).
+    dask.config.set({"distributed.worker.profile.enabled": False})
     # Worker processes must report to the API this flow run uses: without PREFECT_API_URL that
     # is an embedded server they would not know of, and each would start its own.
     with get_client(sync_client=True) as client:
