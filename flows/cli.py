@@ -309,6 +309,7 @@ def run_flow(name: str, config_path: Path | None, overrides: list[str]) -> dict:
     from flows.local_server import use_local_server
 
     _prefect_defaults()
+    own_server = not os.environ.get("PREFECT_API_URL")  # ours, not a team's: see below
     local = use_local_server()  # a server started now boots while the flow's imports run
     module, function = FLOW_FUNCTIONS[name]
     flow_function = getattr(importlib.import_module(module), function)
@@ -319,7 +320,14 @@ def run_flow(name: str, config_path: Path | None, overrides: list[str]) -> dict:
             print(f"ctdiff: started a local Prefect server for this and later commands; its UI: "
                   f"{api_url.removesuffix('/api')} (`ctdiff server stop` stops it)", file=sys.stderr)
     _setup_console_logging()  # after Prefect's import has configured its logging
-    return flow_function(config=str(config_path) if config_path else None, overrides=overrides)
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    # Flow-run heartbeats serve a server's automations that mark crashed runs; ctdiff's own local
+    # server has none, and each flow run would wait up to a second at its end for the heartbeat
+    # thread (~5 s of a no-op demo's six flow runs). A team server (PREFECT_API_URL) keeps them.
+    updates = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None} if own_server else {}
+    with temporary_settings(updates=updates):
+        return flow_function(config=str(config_path) if config_path else None, overrides=overrides)
 
 
 def print_result(name: str, result: dict) -> None:

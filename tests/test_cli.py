@@ -203,3 +203,25 @@ def test_prefect_keeps_the_traceback_of_a_bug_but_not_of_a_user_error():
     assert UserErrorTracebackFilter().filter(ours) and ours.exc_info is None
     for record in (_record_of(bug), _record_of(library_value_error)):
         assert UserErrorTracebackFilter().filter(record) and record.exc_info is not None
+
+
+@pytest.mark.parametrize("api_url, expected", [(None, None), ("http://prefect.example:4200/api", 180)])
+def test_flow_run_heartbeats_only_for_a_team_server(monkeypatch, api_url, expected):
+    """ctdiff's own server has no automation to read heartbeats, and each flow run waits for its
+    heartbeat thread at its end; a server named by PREFECT_API_URL keeps them."""
+    import flows.cli
+    import flows.train_vae
+
+    def probe(config, overrides):
+        from prefect.settings import get_current_settings
+
+        return get_current_settings().flows.heartbeat_frequency
+
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    if api_url is None:
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    else:
+        monkeypatch.setenv("PREFECT_API_URL", api_url)
+    monkeypatch.setattr(flows.train_vae, "probe", probe, raising=False)
+    monkeypatch.setitem(flows.cli.FLOW_FUNCTIONS, "probe", ("flows.train_vae", "probe"))
+    assert flows.cli.run_flow("probe", None, []) == expected
