@@ -88,9 +88,12 @@ def faulty_workers(monkeypatch, tmp_path):
         yield arm
 
 
-def _kill_when_inside(fault_dir: Path, store_path: Path, timeout_s: float = 90.0) -> dict[str, list[str]]:
-    """SIGKILL the worker that the `hang` fault holds inside its case; returns what it had
-    staged then ({group: [its entries]})."""
+def _kill_when_inside(
+    fault_dir: Path, store_path: Path, case: str, timeout_s: float = 90.0
+) -> dict[str, list[str]]:
+    """SIGKILL the worker that the `hang` fault holds inside `case`; returns what that case had
+    staged then ({group: [its entries]}). Other workers go on committing their own groups
+    meanwhile, so only the held case's groups are read."""
     deadline = time.monotonic() + timeout_s
     while not (fault_dir / "pid").exists():
         if time.monotonic() > deadline:
@@ -99,7 +102,8 @@ def _kill_when_inside(fault_dir: Path, store_path: Path, timeout_s: float = 90.0
     pid = int((fault_dir / "pid").read_text())
     assert pid != os.getpid()
     staging = store_path / ".staging"
-    staged = {group: sorted(p.name for p in (staging / group).iterdir()) for group in _staged(store_path)}
+    held = [group for group in _staged(store_path) if group.split("-", 1)[1].startswith(f"{case}-")]
+    staged = {group: sorted(p.name for p in (staging / group).iterdir()) for group in held}
     os.kill(pid, signal.SIGKILL)
     return staged
 
@@ -207,7 +211,7 @@ def test_worker_killed_inside_a_case(cases, tmp_path, prefect_harness, faulty_wo
     store_path = tmp_path / "store.zarr"
 
     flow = _start_preprocess(_overrides(tmp_path))
-    staged = _kill_when_inside(fault_dir, store_path)
+    staged = _kill_when_inside(fault_dir, store_path, victim)
     result = _finish(*flow)
     # Killed half-way through the case: its arrays staged, thick only, unfinished.
     (half,) = [group for group in staged if group.startswith(f"native-{victim}-")]
