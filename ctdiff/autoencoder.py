@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
-from monai.networks.nets import AutoencoderKL
 from torch import nn
 
 
@@ -53,6 +51,10 @@ PRESETS: dict[str, AutoencoderPreset] = {
 
 def build_network(preset: AutoencoderPreset, num_splits: int = 1, checkpointing: bool = False) -> nn.Module:
     """The MONAI network of a preset (no attention: CT volumes are large and the MAISI VAE has none)."""
+    # MONAI's import (~3 s) only where a network is built: the presets alone are read without it.
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+    from monai.networks.nets import AutoencoderKL
+
     if preset.kind == "maisi":
         return AutoencoderKlMaisi(
             spatial_dims=3,

@@ -44,11 +44,21 @@ def checkpoint_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_vae(path: str | Path, device: str | torch.device = "cpu") -> tuple[CtAutoencoder, dict[str, Any]]:
-    """The autoencoder of a VAE checkpoint, in eval mode on `device`, with the checkpoint dict."""
-    payload = load_checkpoint(path)
+def _vae_payload(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
     if payload.get("kind") != "vae":
         raise ValueError(f"{path} is not a ctdiff VAE checkpoint (kind={payload.get('kind')!r})")
+    return payload
+
+
+def vae_preset(path: str | Path) -> str:
+    """The autoencoder preset of a VAE checkpoint, its weights mapped but not read."""
+    return _vae_payload(path, mmap=True)["preset"]
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu") -> tuple[CtAutoencoder, dict[str, Any]]:
+    """The autoencoder of a VAE checkpoint, in eval mode on `device`, with the checkpoint dict."""
+    payload = _vae_payload(path)
     from ctdiff.autoencoder import CtAutoencoder
 
     model = CtAutoencoder(payload["preset"])

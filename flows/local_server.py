@@ -2,8 +2,9 @@
 
 Prefect's default without an API URL is a temporary server per run: ~8-15 s of start-up and
 shut-down on every command, and a UI that is gone when the command ends. Instead, the first
-command starts `prefect server start` in the background (on a free loopback port, with its log
-beside its database in PREFECT_HOME) and records its address in
+command starts Prefect's server in the background (flows/prefect_server.py: what `prefect server
+start` runs, with SQLite transactions that wait for the write lock), on a free loopback port with
+its log beside its database in PREFECT_HOME, and records its address in
 PREFECT_HOME/ctdiff-server.json; later commands find it there and start their flow at once, and
 its UI shows every run. `ctdiff server stop` stops it; `ctdiff server status` tells where it is.
 
@@ -20,7 +21,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -113,9 +113,6 @@ class LocalServer:
     def _start(self) -> str:
         port = _free_port()
         api_url = f"http://127.0.0.1:{port}/api"
-        prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
-        if prefect is None:
-            raise RuntimeError("the `prefect` command is not installed beside this Python")
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         env.update(
             PREFECT_HOME=str(self.home),
@@ -124,7 +121,7 @@ class LocalServer:
         )
         with open(self.log_path, "ab") as log:
             process = subprocess.Popen(
-                [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                [sys.executable, "-m", "flows.prefect_server", "--host", "127.0.0.1", "--port", str(port)],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # outlives this command, and ^C here does not reach it
             )

@@ -3,7 +3,7 @@ import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
 from ctdiff.autoencoder import PRESETS, CtAutoencoder, kl_loss
-from ctdiff.checkpoint import checkpoint_digest, load_checkpoint, load_vae, save_checkpoint
+from ctdiff.checkpoint import checkpoint_digest, load_checkpoint, load_vae, save_checkpoint, vae_preset
 from ctdiff.pretrained import WeightsMismatch, load_pretrained
 
 
@@ -111,6 +111,7 @@ def test_checkpoint_round_trip_and_digest(tmp_path):
     assert not list((tmp_path / "vae").glob(".*tmp"))
     assert load_checkpoint(path)["step"] == 3
     loaded, payload = load_vae(path)
+    assert vae_preset(path) == "slice-kl-tiny"
     assert all(torch.equal(loaded.net.state_dict()[k], v) for k, v in model.net.state_dict().items())
     digest = checkpoint_digest(path)
     save_checkpoint(tmp_path / "copy.pt", {**payload, "step": 99})
@@ -119,3 +120,7 @@ def test_checkpoint_round_trip_and_digest(tmp_path):
         next(model.net.parameters()).add_(1.0)
     save_checkpoint(tmp_path / "changed.pt", {**payload, "model": model.net.state_dict()})
     assert checkpoint_digest(tmp_path / "changed.pt") != digest
+    save_checkpoint(tmp_path / "diffusion.pt", {**payload, "kind": "diffusion"})
+    for read in (load_vae, vae_preset):
+        with pytest.raises(ValueError, match="not a ctdiff VAE checkpoint"):
+            read(tmp_path / "diffusion.pt")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from ctdiff.synth import SynthSpec, synthesize
-from flows.local_server import MODE_VARIABLE, STATE_FILE, LocalServer, _alive, use_local_server
+from flows.local_server import LOG_FILE, MODE_VARIABLE, STATE_FILE, LocalServer, _alive, use_local_server
 
 CTDIFF = [sys.executable, "-m", "flows.cli"]
 
@@ -45,6 +45,7 @@ def test_commands_share_one_background_server(tmp_path):
     assert said == ["local Prefect server already running", "local Prefect server started"], outputs
     state = json.loads((home / STATE_FILE).read_text())
     assert all(state["api_url"] in out for out, _ in outputs)
+    assert "SQLite transactions begin IMMEDIATE" in (home / LOG_FILE).read_text()  # flows/prefect_server.py
     try:
         synthesize(tmp_path / "cases", SynthSpec(n_cases=2, size=16, n_thin=10))
         args = ["preprocess", "--set", "paths.input=cases", "--set", "paths.store=store.zarr",
@@ -87,3 +88,62 @@ def test_a_recorded_server_that_died_is_no_server(tmp_path):
     assert server.stop() is False and not (tmp_path / STATE_FILE).exists()
     (tmp_path / STATE_FILE).write_text("{torn")
     assert server.state() is None
+
+
+async def _read_then_write_across_a_commit(config) -> tuple[bool, int]:
+    """Transaction A reads, transaction B (another connection) writes, then A writes; returns
+    whether B had committed before A wrote, and the rows in the end."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    engine = await config.engine()
+    async with engine.begin() as connection:
+        await connection.execute(text("CREATE TABLE t (x INTEGER)"))
+
+    async def insert(session, value: int) -> None:
+        async with config.begin_transaction(session):
+            await session.execute(text("INSERT INTO t VALUES (:x)"), {"x": value})
+
+    a, b = await config.session(engine), await config.session(engine)
+    async with a, b:
+        async with config.begin_transaction(a):
+            await a.execute(text("SELECT count(*) FROM t"))
+            writer = asyncio.create_task(insert(b, 2))
+            done, _ = await asyncio.wait({writer}, timeout=1.0)
+            await a.execute(text("INSERT INTO t VALUES (1)"))
+        await writer
+        async with engine.connect() as connection:
+            rows = (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one()
+    await engine.dispose()
+    return bool(done), rows
+
+
+def test_server_sqlite_transactions_wait_for_the_write_lock(tmp_path, monkeypatch):
+    """Prefect's SQLite transactions begin DEFERRED: one that read before another connection
+    committed cannot write (`database is locked`, retried by the client 2 s later). The local
+    server's begin IMMEDIATE, so the second writer waits for the first instead."""
+    import asyncio
+
+    import sqlalchemy.exc
+    from prefect.server.database import dependencies
+    from prefect.server.database.configurations import AioSqliteConfiguration
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, temporary_settings
+
+    from flows.prefect_server import WriteLockingSqliteConfiguration, use_write_locking_sqlite
+
+    prefects = AioSqliteConfiguration(connection_url=f"sqlite+aiosqlite:///{tmp_path / 'deferred.db'}")
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="database is locked"):
+        asyncio.run(_read_then_write_across_a_commit(prefects))
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'immediate.db'}"
+    monkeypatch.setitem(dependencies.MODELS_DEPENDENCIES, "database_config", None)
+    with temporary_settings({PREFECT_API_DATABASE_CONNECTION_URL: url}):
+        assert use_write_locking_sqlite()
+    config = dependencies.MODELS_DEPENDENCIES["database_config"]
+    assert isinstance(config, WriteLockingSqliteConfiguration) and config.connection_url == url
+    b_committed_first, rows = asyncio.run(_read_then_write_across_a_commit(config))
+    assert not b_committed_first and rows == 2  # B waited for A's write lock; both rows written
+
+    with temporary_settings({PREFECT_API_DATABASE_CONNECTION_URL: "postgresql+asyncpg://u:p@db/prefect"}):
+        assert not use_write_locking_sqlite()
