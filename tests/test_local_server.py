@@ -147,3 +147,54 @@ def test_server_sqlite_transactions_wait_for_the_write_lock(tmp_path, monkeypatc
 
     with temporary_settings({PREFECT_API_DATABASE_CONNECTION_URL: "postgresql+asyncpg://u:p@db/prefect"}):
         assert not use_write_locking_sqlite()
+
+
+def _schema(path: Path) -> list[tuple]:
+    """Every table, index and the revision of an SQLite database. A table's named constraints are
+    compared as a set: Prefect's table-rebuilding migrations write them in an order that differs
+    from one run of the same migrations to the next."""
+    import sqlite3
+
+    def definition(sql: str | None) -> tuple:
+        lines = [line.strip().rstrip(",").strip() for line in (sql or "").splitlines()]
+        return (tuple(line for line in lines if not line.startswith("CONSTRAINT")),
+                tuple(sorted(line for line in lines if line.startswith("CONSTRAINT"))))
+
+    with sqlite3.connect(path) as db:
+        rows = [(kind, name, table, definition(sql)) for kind, name, table, sql in
+                db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")]
+        rows += db.execute("SELECT 'revision', version_num, '', '' FROM alembic_version").fetchall()
+    db.close()
+    return rows
+
+
+@pytest.mark.slow
+def test_a_new_server_database_from_the_schema_equals_one_migrated_from_nothing(tmp_path):
+    """flows/prefect-sqlite-schema.sql stands for Prefect's migrations of a new SQLite database:
+    a database made from it and then migrated by the installed Prefect (nothing to do at the same
+    revision) has the same tables, indexes and revision as one migrated from nothing."""
+    from flows.prefect_server import migrated_sqlite_database, schema_revision, seed_sqlite_database
+
+    env = _env(tmp_path / "home")
+    reference, seeded = tmp_path / "reference.db", tmp_path / "seeded" / "prefect.db"
+    migrated_sqlite_database(reference, env)
+    assert seed_sqlite_database(seeded) == schema_revision()
+    assert [p.name for p in seeded.parent.iterdir()] == ["prefect.db"]  # no temporary file left
+    migrated_sqlite_database(seeded, env)
+    expected = _schema(reference)
+    assert len([row for row in expected if row[0] == "table"]) > 20
+    assert _schema(seeded) == expected
+
+
+def test_a_schema_is_used_only_for_a_new_database_at_a_known_revision(tmp_path):
+    from flows.prefect_server import SCHEMA_FILE, seed_sqlite_database, sqlite_path
+
+    existing = tmp_path / "existing.db"
+    existing.write_bytes(b"")
+    assert seed_sqlite_database(existing) is None and existing.read_bytes() == b""
+    unknown = tmp_path / "unknown.sql"
+    unknown.write_text(SCHEMA_FILE.read_text().replace("-- alembic revision: ", "-- alembic revision: 0ff", 1))
+    assert seed_sqlite_database(tmp_path / "new.db", unknown) is None and not (tmp_path / "new.db").exists()
+    assert sqlite_path("sqlite+aiosqlite:////data/prefect.db") == Path("/data/prefect.db")
+    assert sqlite_path("sqlite+aiosqlite:///:memory:") is None
+    assert sqlite_path("postgresql+asyncpg://u:p@db:5432/prefect") is None
