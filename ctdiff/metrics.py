@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.metrics import PSNRMetric, SSIMMetric
 
 DATA_RANGE = 1.0  # windowed volumes live in [0, 1]
 SSIM_WINDOW = 11  # MONAI's and Wang et al.'s Gaussian window, shrunk only for smaller slices
@@ -96,12 +95,16 @@ def histogram_w1_hu(pred: np.ndarray, truth: np.ndarray, width_hu: float) -> flo
 
 def psnr(pred: torch.Tensor, truth: torch.Tensor) -> float:
     """PSNR (dB) of (S, H, W) slices taken together, data range 1."""
+    from monai.metrics import PSNRMetric  # MONAI's import (~1.3 s) only where a score is computed
+
     metric = PSNRMetric(max_val=DATA_RANGE)
     return float(metric(pred[None, None], truth[None, None]).item())  # one (1, 1, S, H, W) item
 
 
 def slice_ssim(pred: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
     """(S,) 2-D SSIM of each (H, W) slice of (S, H, W), data range 1."""
+    from monai.metrics import SSIMMetric
+
     size = min(SSIM_WINDOW, *truth.shape[1:])
     metric = SSIMMetric(spatial_dims=2, data_range=DATA_RANGE, win_size=size - 1 + size % 2)  # odd
     per_slice = []

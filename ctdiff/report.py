@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; no display on servers and pods
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ctdiff.atomic import atomic_path, write_text  # noqa: E402
-from ctdiff.evaluate import MODEL_PREFIX, CaseViews, EvaluationResult, metrics_json  # noqa: E402
-from ctdiff.figures import (  # noqa: E402
-    CORONAL_MAX_WIDTH, axial_extent_mm, central_columns, coronal_extent_mm, show_view,
+from ctdiff.atomic import atomic_path, write_text
+from ctdiff.evaluate import MODEL_PREFIX, CaseViews, EvaluationResult, metrics_json
+from ctdiff.figures import (
+    CORONAL_MAX_WIDTH, axial_extent_mm, central_columns, coronal_extent_mm, pyplot, show_view,
 )
-from ctdiff.interpolate import METHODS  # noqa: E402
+from ctdiff.interpolate import METHODS
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn: tables and findings need none
+    import matplotlib.pyplot as plt
 
 # Short headers keep the table narrow (terminal, Prefect UI); TABLE_KEY spells them out.
 _COLUMNS = ("PSNR (dB)", "SSIM", "PSNR mid (dB)", "SSIM mid", "W1 mid (HU)")
@@ -219,7 +217,7 @@ def _savefig(fig: plt.Figure, path: Path) -> Path:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=_DPI)
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
     return path
 
 
@@ -238,6 +236,8 @@ def _view_extents(views: CaseViews, columns: slice) -> dict[str, tuple[float, fl
 
 def _legend_lines(fig: plt.Figure, views: CaseViews) -> None:
     """Say what the dashed lines are, once, below the panels."""
+    from matplotlib.lines import Line2D
+
     y_mm, z_mm = _cross_lines(views)
     handles = [
         Line2D([], [], color=_AXIAL_LINE, ls="--", lw=1, label=f"axial slice shown above (z = {z_mm:.1f} mm)"),
@@ -265,7 +265,7 @@ def case_views_figure(views: CaseViews, role: str, ranked_by: str, window: tuple
     y_mm, z_mm = _cross_lines(views)
     ratios = [height * dy / (row_width * dx), depth * dz / (crop_width * dx)]
     ncols = len(images) + len(methods)
-    fig, axes = plt.subplots(
+    fig, axes = pyplot().subplots(
         2, ncols, figsize=(2.8 * ncols, 2.8 * sum(ratios) + 1.6), squeeze=False,
         gridspec_kw={"height_ratios": ratios}, layout="constrained",
     )
@@ -324,7 +324,7 @@ def uncertainty_views_figure(views: CaseViews, ranked_by: str, window: tuple[flo
          np.abs(views.coronal[ranked_by] - views.coronal["truth"])[:, columns]),
     ]
     ratios = [height * dy / (row_width * dx), depth * dz / ((columns.stop - columns.start) * dx)]
-    fig, axes = plt.subplots(2, 2, figsize=(8.0, 3.4 * sum(ratios) + 1.8), gridspec_kw={"height_ratios": ratios},
+    fig, axes = pyplot().subplots(2, 2, figsize=(8.0, 3.4 * sum(ratios) + 1.8), gridspec_kw={"height_ratios": ratios},
                              layout="constrained")
     vmax = max(float(np.percentile(np.concatenate([p[2].ravel() for p in panels]) * width, 99.5)), 1.0)
     for r, (plane, std, error) in enumerate(panels):
@@ -352,7 +352,7 @@ def uncertainty_figure(views: CaseViews, ranked_by: str, window: tuple[float, fl
 
 def trend_figure(history: list[dict[str, Any]], path: Path) -> Path:
     """PSNR and SSIM means of the model and cubic (bold; other baselines faint) per evaluation."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     x = np.arange(1, len(history) + 1)
     names = [MODEL_PREFIX, "cubic", "linear", "nearest", "vae_ceiling"]
     for ax, metric, unit in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):

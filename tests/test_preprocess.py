@@ -156,7 +156,7 @@ def test_storage_errors_propagate_for_retry(one_case, monkeypatch):
 
 def _streaming_case(tmp_path, rng, size=96):
     """A case whose thin series runs 3 slices past the thick extent at each end; and its HU."""
-    from dicom_fixtures import ct_series, stored_volume, write_zip
+    from dicom_fixtures import ct_series, stored_volume
     from pydicom.uid import generate_uid
 
     study = generate_uid()

@@ -2,7 +2,6 @@
 trained through the library (train_vae, latents, train_diffusion) on cases of one seed, must beat
 cubic interpolation on a case made from another seed, which no stage ever saw."""
 
-import numpy as np
 import pytest
 
 from ctdiff.cases import discover_cases
