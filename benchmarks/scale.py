@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,8 @@ def main() -> int:
         synthesize(tiny, SynthSpec(n_cases=2, size=32, n_thin=20, seed=7))
 
     def run(subset: Path, name: str) -> dict:
+        for old in (work / f"store-{name}.zarr", work / f"work-{name}"):  # a rerun with --work starts afresh
+            shutil.rmtree(old, ignore_errors=True)
         before = {r["id"] for r in httpx.post(f"{api_url}/flow_runs/filter", json={}).json()}
         start = time.perf_counter()
         process = subprocess.Popen(

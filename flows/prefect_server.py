@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -122,10 +123,13 @@ def migrated_sqlite_database(path: Path, env: dict[str, str] | None = None) -> N
     command, in a process of its own (this process's Prefect settings are left alone)."""
     env = {**(os.environ if env is None else env),
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{path}"}
-    prefect = Path(sys.executable).with_name("prefect")
-    command = [str(prefect)] if prefect.exists() else [sys.executable, "-m", "prefect"]
-    subprocess.run([*command, "server", "database", "upgrade", "-y"], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
+    if prefect is None:
+        raise RuntimeError("the `prefect` command is not installed beside this Python")
+    done = subprocess.run([prefect, "server", "database", "upgrade", "-y"], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"`prefect server database upgrade` failed on {path}:\n{done.stderr[-2000:]}")
 
 
 def sqlite_schema_sql(path: Path) -> str:
