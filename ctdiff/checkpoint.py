@@ -29,8 +29,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint dict; with `mmap`, its tensors are mapped from the file, read only when used."""
+    return torch.load(Path(path), map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def checkpoint_digest(path: str | Path) -> str:
@@ -45,7 +46,7 @@ def checkpoint_digest(path: str | Path) -> str:
 
 
 def _vae_payload(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
+    payload = load_checkpoint(path, mmap=mmap)
     if payload.get("kind") != "vae":
         raise ValueError(f"{path} is not a ctdiff VAE checkpoint (kind={payload.get('kind')!r})")
     return payload

@@ -10,6 +10,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from ctdiff import latents
+from ctdiff.autoencoder import PRESETS
 from ctdiff.checkpoint import checkpoint_digest, load_vae, vae_preset
 from ctdiff.config import Config
 from ctdiff.errors import UsageError
@@ -153,8 +154,6 @@ def encode_case(
 @task(name="prepare-latent-store")
 def prepare_latent_store(latent_root: str, vae: dict, window: list[float]) -> None:
     """Create the latent store for this checkpoint (or reset it for a new window), clear staging."""
-    from ctdiff.autoencoder import PRESETS
-
     preset = vae_preset(vae["path"])  # the network is not built: a cached rerun needs no model
     latents.LatentStore(Path(latent_root), vae["digest"]).create(preset, PRESETS[preset].factors, window, vae["base"])
 
