@@ -39,10 +39,12 @@ def log(message: str) -> None:
 
 
 class WorkerPeaks:
-    """Peak RSS of every Dask worker process below `root`, sampled in a thread."""
+    """RSS of every Dask worker process below `root`, sampled every 0.2 s in a thread: the peak
+    of each (`peaks`, bytes) and its peak in each quarter of the sampled time (`quarters`)."""
 
     def __init__(self, root: int):
-        self.root, self.peaks, self._stop = root, {}, threading.Event()
+        self.root, self._stop = root, threading.Event()
+        self.samples: dict[int, list[tuple[float, int]]] = {}  # pid: [(time, rss bytes)]
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -54,7 +56,7 @@ class WorkerPeaks:
             for child in children:
                 try:
                     if "distributed" in " ".join(child.cmdline()) or "spawn_main" in " ".join(child.cmdline()):
-                        self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), child.memory_info().rss)
+                        self.samples.setdefault(child.pid, []).append((time.time(), child.memory_info().rss))
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             time.sleep(0.2)
@@ -66,6 +68,22 @@ class WorkerPeaks:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    @property
+    def peaks(self) -> dict[int, int]:
+        return {pid: max(rss for _, rss in samples) for pid, samples in self.samples.items()}
+
+    def quarters(self) -> dict[int, list[int]]:
+        """Each worker's peak RSS (bytes) in each quarter of its sampled time (workers sampled
+        fewer than 8 times are left out)."""
+        out = {}
+        for pid, samples in self.samples.items():
+            if len(samples) < 8:
+                continue
+            t0, t1 = samples[0][0], samples[-1][0]
+            bounds = [t0 + (t1 - t0) * q / 4 for q in range(5)]
+            out[pid] = [max(rss for t, rss in samples if bounds[q] <= t <= bounds[q + 1]) for q in range(4)]
+        return out
 
 
 def artifact_bytes(api_url: str, flow_run_ids: set[str]) -> dict[str, int]:

@@ -26,14 +26,13 @@ import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.scale import WorkerPeaks  # noqa: E402  (after the path insert)
+
 N_WORKERS = 2
 
 
@@ -54,46 +53,6 @@ def ingest(ref: dict, store_path: str) -> str:
 
 def nothing(ref: dict, store_path: str) -> str:
     return ref["id"]
-
-
-class QuarterPeaks:
-    """Samples the RSS of every worker process below this one; `quarters()` gives each worker's
-    peak in each quarter of the sampled time."""
-
-    def __init__(self):
-        self.samples: dict[int, list[tuple[float, float]]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            for child in me.children(recursive=True):
-                try:
-                    if "spawn_main" in " ".join(child.cmdline()):
-                        self.samples.setdefault(child.pid, []).append((time.time(), child.memory_info().rss / 2**20))
-                except psutil.Error:
-                    continue
-            time.sleep(0.2)
-
-    def __enter__(self) -> "QuarterPeaks":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def quarters(self) -> list[list[float]]:
-        out = []
-        for samples in self.samples.values():
-            if len(samples) < 8:
-                continue
-            t0, t1 = samples[0][0], samples[-1][0]
-            bounds = [t0 + (t1 - t0) * q / 4 for q in range(5)]
-            out.append([round(max(rss for t, rss in samples if bounds[q] <= t <= bounds[q + 1]), 1)
-                        for q in range(4)])
-        return sorted(out, reverse=True)[:N_WORKERS]
 
 
 def run_dask(refs: list[dict], store_path: str) -> None:
@@ -158,9 +117,10 @@ def main() -> int:
         CaseStore(store_path).create()
         log(f"{mode}: {len(refs)} cases on {N_WORKERS} workers")
         start = time.perf_counter()
-        with QuarterPeaks() as peaks:
+        with WorkerPeaks(os.getpid()) as peaks:
             runs[mode](str(store_path))
-        quarters = peaks.quarters()
+        quarters = sorted(([round(rss / 2**20, 1) for rss in q] for q in peaks.quarters().values()),
+                          reverse=True)[:N_WORKERS]
         per_worker_runs = len(refs) / N_WORKERS
         results[mode] = {
             "seconds": round(time.perf_counter() - start, 1),
