@@ -145,6 +145,9 @@ def main() -> int:
         runs = {r["id"] for r in httpx.post(f"{api_url}/flow_runs/filter", json={}).json()} - before
         return {"seconds": round(seconds, 1), "worker_peak_rss_mb": [round(p / 2**20) for p in
                                                                     sorted(peaks.peaks.values(), reverse=True)[:2]],
+                # Whether the peak rises through the run (something kept per case) or not.
+                "worker_peak_rss_mb_by_quarter": sorted(([round(p / 2**20) for p in q] for q in peaks.quarters().values()),
+                                                        reverse=True)[:2],
                 "artifact_bytes": artifact_bytes(api_url, runs)}
 
     rows = []

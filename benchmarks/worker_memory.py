@@ -5,11 +5,14 @@
 
 The same cases (`--size`² px, `--n-thin` thin slices; default 200 of 256², 150 thin, as in
 scale.py) go through ctdiff's `decode_case` + `resize_case` on a LocalCluster of 2 worker
-processes with the flow's worker settings, in up to three ways:
+processes with the flow's worker settings, in up to five ways:
 
 - `dask`: plain `client.submit` of one function doing both steps (the baseline: no Prefect);
-- `prefect`: the same function as one bare Prefect task on a `DaskTaskRunner`;
-- `noop`: a Prefect task that does nothing, as many runs as cases (Prefect's own share).
+- `prefect`: the same function as one bare Prefect task on a `DaskTaskRunner`, each future let
+  go as it finishes (`tasks.runners.as_completed`, as the preprocess flow does);
+- `prefect-held`: the same, read with `prefect.futures.as_completed`, which holds every future
+  (so Dask keeps every task's result on its worker) until the last one finishes;
+- `noop`, `noop-held`: a Prefect task that does nothing, as many runs as cases (Prefect's share).
 
 For each it reports every worker's peak RSS in each quarter of the run (sampled every 0.2 s)
 and the growth from the second quarter to the last (the first holds the workers' start-up)
@@ -65,10 +68,14 @@ def run_dask(refs: list[dict], store_path: str) -> None:
             future.result()
 
 
-def run_prefect(refs: list[dict], store_path: str, fn) -> None:
+def run_prefect(refs: list[dict], store_path: str, fn, hold: bool = False) -> None:
+    """`fn` as a Prefect task per case; results read as they finish with the preprocess flow's
+    `tasks.runners.as_completed`, or with `hold`, Prefect's, which keeps every future to the end."""
     from prefect import flow, task
-    from prefect.futures import as_completed
+    from prefect.futures import as_completed as prefect_as_completed
     from prefect_dask import DaskTaskRunner
+
+    from tasks.runners import as_completed
 
     step = task(fn)
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": N_WORKERS, "threads_per_worker": 1, "processes": True,
@@ -76,17 +83,22 @@ def run_prefect(refs: list[dict], store_path: str, fn) -> None:
 
     @flow(name="worker-memory", task_runner=runner)
     def run() -> None:
-        futures = [step.submit(ref, store_path) for ref in refs]
-        for future in as_completed(iter(futures)):  # as the preprocess flow: each future let go once read
-            future.result()
-        futures.clear()
+        futures = {step.submit(ref, store_path): ref for ref in refs}
+        if hold:
+            for future in prefect_as_completed(iter(list(futures))):
+                futures.pop(future)
+                future.result()
+        else:
+            for future, _ in as_completed(futures):
+                future.result()
 
     run()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="+", choices=("dask", "prefect", "noop"), default=["dask", "prefect", "noop"])
+    parser.add_argument("--modes", nargs="+", choices=("dask", "prefect", "prefect-held", "noop", "noop-held"),
+                        default=["dask", "prefect", "prefect-held", "noop", "noop-held"])
     parser.add_argument("--cases", type=int, default=200)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--n-thin", type=int, default=150)
@@ -109,7 +121,8 @@ def main() -> int:
     use_worker_prespawn_env()  # the preprocess flow's worker settings
     dask.config.set({"distributed.worker.profile.enabled": False, "distributed.scheduler.worker-saturation": 1.0})
     runs = {"dask": lambda s: run_dask(refs, s), "prefect": lambda s: run_prefect(refs, s, ingest),
-            "noop": lambda s: run_prefect(refs, s, nothing)}
+            "prefect-held": lambda s: run_prefect(refs, s, ingest, hold=True),
+            "noop": lambda s: run_prefect(refs, s, nothing), "noop-held": lambda s: run_prefect(refs, s, nothing, hold=True)}
     results = {}
     for mode in args.modes:
         store_path = work / f"store-{mode}.zarr"

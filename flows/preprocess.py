@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
 
 from ctdiff.cases import CaseRef
 from ctdiff.config import Config, load_config, require_input
@@ -13,54 +12,45 @@ from ctdiff.store import CaseStore, UnwritableError, write_refusal
 from tasks.preprocess import (
     clear_staging,
     create_store,
-    decode_case,
     discover,
-    quarantine_case,
+    ingest_case,
     preview_cases,
+    quarantine_case,
     report_manifest,
-    resize_case,
     write_splits,
 )
 from tasks.progress import Progress
-from tasks.runners import dask_task_runner, failure_reason
+from tasks.runners import as_completed, dask_task_runner, failure_reason
 
 
 @flow(name="ingest-cases")
 def ingest_cases(refs: list[dict], store_path: str, config: Config) -> None:
-    """Decode then resize every case on the task runner. A case whose step fails after its
-    retries, or whose Dask workers keep dying under it, is quarantined with the reason; a store
-    that refuses writes (read-only, full) stops the run, the cases not being to blame."""
+    """Ingest every case on the task runner. A case whose task fails after its retries, or whose
+    Dask workers keep dying under it, is quarantined with the reason; a store that refuses writes
+    (read-only, full) stops the run, the cases not being to blame."""
     cfg = config.preprocess
-    args = {"store_path": store_path, "chunk_slices": cfg.chunk_slices, "level": cfg.compression_level}
-    retry = {"retries": cfg.retries, "retry_delay_seconds": cfg.retry_delay_s}
-    decoder = decode_case.with_options(**retry)
-    resizer = resize_case.with_options(**retry)
-    decodes = {decoder.submit(ref, **args): ref for ref in refs}
-    resizes = {}
-    # Each future is dropped once read (`pop`; `as_completed` is given an iterator, which lets go
-    # of its list when exhausted): Dask then frees the task's result on its worker at once, so a
-    # worker's memory does not grow with the number of cases.
+    ingest = ingest_case.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_s)
+    futures = {
+        ingest.submit(ref, store_path=store_path, resolution=cfg.resolution, chunk_slices=cfg.chunk_slices,
+                      level=cfg.compression_level): ref
+        for ref in refs
+    }
+    # Each future is dropped once read (tasks.runners.as_completed pops it): Dask then frees the
+    # task's result on its worker at once, so a worker's memory does not grow with the cases.
     with Progress(len(refs), "case", "preprocess") as progress:
-        for future in as_completed(iter(list(decodes))):
-            ref = decodes.pop(future)
-            summary, error = _outcome(future)
+        for future, ref in as_completed(futures):
+            entry, error = _outcome(future)
             if error is not None:
                 quarantine_case(ref, store_path, failure_reason(error))
                 progress.advance(quarantined=ref["id"])
-            elif summary["status"] == "quarantined":
+            elif entry["status"] == "quarantined":
                 progress.advance(quarantined=ref["id"])
             else:
-                resizes[resizer.submit(ref, resolution=cfg.resolution, **args)] = ref
-        for future in as_completed(iter(list(resizes))):
-            ref = resizes.pop(future)
-            _, error = _outcome(future)
-            if error is not None:
-                quarantine_case(ref, store_path, failure_reason(error))
-            progress.advance(case=ref["id"])
+                progress.advance(case=ref["id"])
 
 
 def _all_ingested(refs: list[dict], store_path: str, config: Config) -> bool:
-    """Whether both steps of every case are done for these settings (see ctdiff.preprocess.is_ingested)."""
+    """Whether every case is in the store for these settings (see ctdiff.preprocess.is_ingested)."""
     cfg = config.preprocess
     store = CaseStore(store_path)
     return all(is_ingested(store, CaseRef(**ref), cfg.resolution, cfg.chunk_slices, cfg.compression_level)
@@ -68,7 +58,7 @@ def _all_ingested(refs: list[dict], store_path: str, config: Config) -> bool:
 
 
 def _outcome(future) -> tuple[dict | None, Exception | None]:
-    """A finished case step's summary, or what it failed with: its own error after its retries,
+    """A finished case task's result, or what it failed with: its own error after its retries,
     or Dask's KilledWorker (the task's state in Prefect then still reads Running). A store that
     refuses writes is raised: every other case would fail the same way."""
     try:
@@ -96,7 +86,7 @@ def preprocess(config: str | None = None, overrides: list[str] | None = None) ->
     create_store(store_path)
     try:
         if _all_ingested(refs, store_path, cfg):
-            # A rerun: every per-case step is a cache hit. They run in this flow, which neither
+            # A rerun: every case's task is a cache hit. They run in this flow, which neither
             # a Dask cluster nor a subflow run would speed up, only delay by their start-up.
             logger.info("all %d cases are in the store already: their steps run here, without Dask", len(refs))
             ingest_cases.fn(refs, store_path, cfg)

@@ -1,4 +1,4 @@
-"""Prefect tasks over `ctdiff.preprocess`: per-case decode and resize, quarantine, splits.
+"""Prefect tasks over `ctdiff.preprocess`: per-case ingest (decode, resize), quarantine, splits.
 
 Tasks take and return ids, paths and small dicts, never arrays. The case store is the cache of
 record: a Prefect cache hit is possible only while the store holds that exact output, so a
@@ -7,7 +7,6 @@ deleted or half-written case is always recomputed, never served from a stale cac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +20,22 @@ from ctdiff.store import CaseStore
 from tasks.training import OutputCache, is_transient
 
 
-@dataclass
-class StoreBackedCache(OutputCache):
-    """`OutputCache` of a per-case step, the case store being its output: key = the step's
-    content key (case file hash + settings + code version), done = the store holds that output."""
-
-    step: str = "decode"
-
-    def __post_init__(self) -> None:
-        self.key_fn, self.done_fn = (_decode_key, _decoded) if self.step == "decode" else (_resize_key, _resized)
-
-
-def _decode_key(inputs: dict[str, Any]) -> str:
-    return preprocess.decode_key(CaseRef(**inputs["ref"]))
-
-
-def _decoded(inputs: dict[str, Any], key: str) -> bool:
-    return preprocess.is_decoded(CaseStore(inputs["store_path"]), inputs["ref"]["id"], key)
-
-
-def _resize_key(inputs: dict[str, Any]) -> str | None:
-    native_key = CaseStore(inputs["store_path"]).native_key(inputs["ref"]["id"])
-    if native_key is None:
-        return None  # nothing decoded: the step will fail and must not be cached
+def _ingest_key(inputs: dict[str, Any]) -> str:
+    """What a case's stored arrays are made from: its file and decode code (ctdiff.preprocess's
+    decode key), then the grid, chunking and compression it was resized and written with."""
+    native_key = preprocess.decode_key(CaseRef(**inputs["ref"]))
     return preprocess.resize_key(native_key, inputs["resolution"], inputs["chunk_slices"], inputs["level"])
 
 
-def _resized(inputs: dict[str, Any], key: str) -> bool:
-    return CaseStore(inputs["store_path"]).case_key(inputs["ref"]["id"]) == key
+def _ingested(inputs: dict[str, Any], key: str) -> bool:
+    return preprocess.is_ingested(
+        CaseStore(inputs["store_path"]), CaseRef(**inputs["ref"]),
+        inputs["resolution"], inputs["chunk_slices"], inputs["level"],
+    )
+
+
+# The case store is the output of record: a cache hit only while it holds this exact case.
+INGEST_CACHE = OutputCache(key_fn=_ingest_key, done_fn=_ingested)
 
 
 @task(name="discover-cases")
@@ -66,30 +53,28 @@ def clear_staging(store_path: str) -> None:
     CaseStore(store_path).clear_staging()
 
 
-def _case_step(step: str) -> dict[str, Any]:
-    """Options shared by the per-case steps: run name, store-backed cache, transient retries."""
-    return {
-        "name": f"{step}-case",
-        "task_run_name": f"{step}-{{ref[id]}}",
-        "cache_policy": StoreBackedCache(step=step),
-        "retry_condition_fn": is_transient,
-        "persist_result": True,
-    }
+@task(
+    name="ingest-case",
+    task_run_name="ingest-{ref[id]}",
+    cache_policy=INGEST_CACHE,
+    retry_condition_fn=is_transient,
+    persist_result=True,
+)
+def ingest_case(ref: dict, store_path: str, resolution: int | None, chunk_slices: int, level: int) -> dict | State:
+    """Decode one case into the store's native arrays, then resize it onto the configured grid.
 
-
-@task(**_case_step("decode"))
-def decode_case(ref: dict, store_path: str, chunk_slices: int, level: int) -> dict | State:
-    """The case's summary; a quarantined case ends in a `Quarantined` state (a kind of
-    Completed, so the UI tells it from an ingested one) whose result is still the summary."""
-    summary = preprocess.decode_case(CaseRef(**ref), CaseStore(store_path), chunk_slices, level)
+    Returns the case's manifest entry. A quarantined case ends in a `Quarantined` state (a kind
+    of Completed, so the UI tells it from an ingested one) whose result is its summary. Each
+    half skips itself when the store holds its output already (ctdiff.preprocess), so a new
+    grid re-reads the native arrays, not the DICOM. One task run per case, not one per step:
+    every task run costs API calls and keeps some memory in its Dask worker
+    (benchmarks/RESULTS.md "Scale on one machine").
+    """
+    case, store = CaseRef(**ref), CaseStore(store_path)
+    summary = preprocess.decode_case(case, store, chunk_slices, level)
     if summary["status"] == "quarantined":
         return Completed(name="Quarantined", message=summary["reason"], data=summary)
-    return summary
-
-
-@task(**_case_step("resize"))
-def resize_case(ref: dict, store_path: str, resolution: int | None, chunk_slices: int, level: int) -> dict:
-    return preprocess.resize_case(CaseRef(**ref), CaseStore(store_path), resolution, chunk_slices, level)
+    return preprocess.resize_case(case, store, resolution, chunk_slices, level)
 
 
 @task(name="quarantine-case", task_run_name="quarantine-{ref[id]}")

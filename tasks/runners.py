@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import dask
 from distributed import KilledWorker, WorkerPlugin
 
 from prefect.client.orchestration import get_client
+from prefect.futures import PrefectFuture
 from prefect_dask import DaskTaskRunner
 
 from ctdiff.config import DaskConfig
@@ -126,6 +130,27 @@ def dask_task_runner(config: DaskConfig) -> DaskTaskRunner:
             "plugins": [ClearLineBeforeLogs()] if sys.stderr.isatty() else [],
         }
     )
+
+
+T = TypeVar("T")
+
+
+def as_completed(futures: dict[PrefectFuture[Any], T]) -> Iterator[tuple[PrefectFuture[Any], T]]:
+    """Yield `(future, value)` for each future of `futures` as it finishes, popping it first.
+
+    Unlike `prefect.futures.as_completed`, which holds every future it was given until the last
+    one finishes, nothing here keeps a finished future once the caller lets go of it. On Dask
+    that is what frees a task's result on its worker: with Prefect's, each worker kept every
+    case's result to the end of the run, ~0.2 MB a case (benchmarks/RESULTS.md, "Scale on one
+    machine").
+    """
+    finished: queue.SimpleQueue[PrefectFuture[Any]] = queue.SimpleQueue()
+    for future in futures:
+        future.add_done_callback(finished.put)
+    while futures:
+        future = finished.get()
+        yield future, futures.pop(future)
+        del future  # not held while waiting for the next one
 
 
 def failure_reason(error: BaseException) -> str:

@@ -16,7 +16,7 @@ METHODS = {"model", "nearest", "linear", "cubic", "vae_ceiling"}
 # Tasks that do work, by name (task_run_name prefixes for the per-case ones). Bookkeeping tasks
 # (discover-cases, create-store, write-splits, reports, previews) run every time by design: they
 # notice new cases and refresh the Prefect UI's artifacts.
-UPSTREAM = ("decode-", "resize-", "train-vae", "resolve-vae-checkpoint", "encode-", "scale-factor")
+UPSTREAM = ("ingest-", "train-vae", "resolve-vae-checkpoint", "encode-", "scale-factor")
 WORK = (*UPSTREAM, "train-diffusion", "checkpoint-digest", "score-cases")
 
 
@@ -97,8 +97,8 @@ def test_pipeline_runs_every_stage_and_reports(config_path, first_run):
     assert json.loads(history[0])["case_ids"] == sorted(test_ids)  # which cases each run scored
     # Everything that works ran for real the first time (train-diffusion reuses the VAE
     # checkpoint that encode-latents resolved: that one lookup is cached).
-    computed = _states(runs, ("decode-", "resize-", "train-", "encode-", "scale-factor", "score-cases"))
-    assert len(computed) == 5 + 5 + 2 + 5 + 1 + 1, sorted(computed)
+    computed = _states(runs, ("ingest-", "train-", "encode-", "scale-factor", "score-cases"))
+    assert len(computed) == 5 + 2 + 5 + 1 + 1, sorted(computed)
     for name, states in computed.items():
         assert states == ["Completed"], name
 

@@ -69,33 +69,30 @@ def _independent_thin_hu(path):
     return np.maximum(hu[keep], -1024).astype(np.int16), z[keep]  # padding → air
 
 
-def _count_cached_case_steps():
+def _count_cached_case_tasks():
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter, TaskRunFilter, TaskRunFilterName, TaskRunFilterState, TaskRunFilterStateName,
     )
     from prefect.client.schemas.sorting import TaskRunSort
 
-    count = 0
     # A deployment or flow filter, even empty, joins on them and drops runs outside deployments.
     with get_client(sync_client=True) as client:
-        for step in ("decode-", "resize-"):
-            runs = client.read_task_runs(
-                task_run_filter=TaskRunFilter(
-                    name=TaskRunFilterName(like_=step), state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["Cached"]))
-                ),
-                flow_run_filter=FlowRunFilter(),
-                sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200, offset=0,
-            )
-            count += len(runs)
-    return count
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(
+                name=TaskRunFilterName(like_="ingest-"), state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["Cached"]))
+            ),
+            flow_run_filter=FlowRunFilter(),
+            sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200, offset=0,
+        )
+    return len(runs)
 
 
-def _wait_for_cached_case_steps(expected: int, timeout_s: float = 60.0) -> int:
-    """The count of Cached case-step task runs once it reaches `expected` (or at the timeout):
+def _wait_for_cached_case_tasks(expected: int, timeout_s: float = 60.0) -> int:
+    """The count of Cached case task runs once it reaches `expected` (or at the timeout):
     the server records task runs from the client's events, a moment after the flow returns."""
     deadline = time.monotonic() + timeout_s
-    while (count := _count_cached_case_steps()) < expected and time.monotonic() < deadline:
+    while (count := _count_cached_case_tasks()) < expected and time.monotonic() < deadline:
         time.sleep(0.5)
     return count
 
@@ -173,12 +170,12 @@ def test_preprocess_flow(cases, tmp_path, prefect_harness, caplog):
         assert all(marker not in t for t in texts.values())
         assert marker not in log_text
 
-    # A second run does no work: every case step is a Prefect cache hit, no group is rewritten.
+    # A second run does no work: every case's task is a Prefect cache hit, no group is rewritten.
     native, cases_before = _mtimes(store_path, "native"), _mtimes(store_path, "cases")
-    cached_before = _count_cached_case_steps()
+    cached_before = _count_cached_case_tasks()
     assert preprocess(config=None, overrides=overrides)["ok"] == 4
-    cached = _wait_for_cached_case_steps(cached_before + 8 + 4)
-    assert cached - cached_before == 8 + 4  # decode + resize of ok cases, decode of bad
+    cached = _wait_for_cached_case_tasks(cached_before + 8)
+    assert cached - cached_before == 8  # the ok cases and those quarantined for their data
     assert _mtimes(store_path, "native") == native
     assert _mtimes(store_path, "cases") == cases_before
 

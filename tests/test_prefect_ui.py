@@ -145,16 +145,16 @@ def test_quarantined_case_task_run_is_named_quarantined(server, pipeline_run, br
     from selenium.webdriver.common.by import By
 
     url, _ = server
-    task_run = pipeline_run.task_run(f"decode-{BROKEN}")
+    task_run = pipeline_run.task_run(f"ingest-{BROKEN}")
     assert task_run["state"]["type"] == "COMPLETED" and task_run["state"]["name"] == "Quarantined"
-    _show(browser, f"{url}/runs/task-run/{task_run['id']}", f"decode-{BROKEN}", "Quarantined",
+    _show(browser, f"{url}/runs/task-run/{task_run['id']}", f"ingest-{BROKEN}", "Quarantined",
           shot=tmp_path / "task-run-quarantined.png")
     # The ingest-cases flow run lists it among its task runs with the same state name.
     ingest = pipeline_run.flow_run("ingest-cases")
     _show(browser, f"{url}/runs/flow-run/{ingest['id']}", ingest["name"], shot=tmp_path / "ingest.png")
     tabs = [e for e in browser.find_elements(By.XPATH, "//*[normalize-space(.)='Task Runs']") if e.is_displayed()]
     tabs[-1].click()  # the innermost element with that label; the click reaches the tab
-    _wait_for(browser, "decode-case_000", f"decode-{BROKEN}", "Quarantined", shot=tmp_path / "ingest-task-runs.png")
+    _wait_for(browser, "ingest-case_000", f"ingest-{BROKEN}", "Quarantined", shot=tmp_path / "ingest-task-runs.png")
 
 
 def test_manifest_table_artifact(server, pipeline_run, browser, tmp_path):

@@ -1,10 +1,18 @@
-"""Dask task runners from config: the KubeCluster spec that preprocess.dask.kubernetes starts."""
+"""Dask task runners from config (the KubeCluster spec that preprocess.dask.kubernetes starts), and
+reading their futures as they finish."""
+
+import concurrent.futures
+import gc
+import uuid
+import weakref
 
 import pytest
 from dask_kubernetes.operator import KubeCluster
+from prefect.futures import PrefectConcurrentFuture
+from prefect.states import Completed
 
 from ctdiff.config import ConfigError, DaskConfig, load_config
-from tasks.runners import DATA_MOUNT, WORKER_PRESPAWN_ENV, dask_task_runner, kube_cluster_spec
+from tasks.runners import DATA_MOUNT, WORKER_PRESPAWN_ENV, as_completed, dask_task_runner, kube_cluster_spec
 
 POD_ENV = {
     "CTDIFF_IMAGE": "ctdiff:0.1.0",
@@ -54,3 +62,27 @@ def test_runner_starts_a_kube_cluster_from_config(monkeypatch):
 def test_an_address_and_a_kube_cluster_are_refused_together():
     with pytest.raises(ConfigError, match="preprocess.dask: .*not both"):
         load_config(None, ["preprocess.dask.address=tcp://scheduler:8786", "preprocess.dask.kubernetes=true"])
+
+
+def test_as_completed_lets_go_of_each_future_it_yields():
+    # prefect.futures.as_completed holds every future to the end: on Dask, every task's result
+    # then stays on its worker for the whole run. Ours pops each and keeps none it has yielded.
+    raw = [concurrent.futures.Future() for _ in range(3)]
+    futures = {PrefectConcurrentFuture(uuid.uuid4(), f): name for f, name in zip(raw, "abc")}
+    watch = {name: weakref.ref(future) for future, name in futures.items()}
+    raw[1].set_result(Completed())
+    finished = as_completed(futures)
+    first, name = next(finished)
+    assert name == "b" and first.wrapped_future.done() and set(futures.values()) == {"a", "c"}
+    del first
+    raw[0].set_result(Completed())
+    raw[0] = raw[1] = None  # only what as_completed and the caller hold is left
+    second, name = next(finished)
+    assert name == "a"
+    gc.collect()
+    assert watch["b"]() is None  # released while "c" is still running
+    assert watch["a"]() is not None  # the caller's
+    del second
+    raw[2].set_result(Completed())
+    assert [name for _, name in finished] == ["c"]
+    assert futures == {}

@@ -9,7 +9,7 @@ from ctdiff.cases import discover_cases
 from ctdiff.preprocess import decode_case, decode_key, resize_case, resize_key
 from ctdiff.store import CaseStore
 from ctdiff.synth import SynthSpec, synthesize
-from tasks.preprocess import StoreBackedCache
+from tasks.preprocess import INGEST_CACHE
 from tasks.training import is_transient
 
 
@@ -38,26 +38,28 @@ def test_cache_key_follows_the_store(tmp_path):
     recorded = _Recorded()
     ctx = SimpleNamespace(result_store=recorded)
     inputs = {"ref": ref.to_dict(), "store_path": str(store.path), "resolution": 8, "chunk_slices": 8, "level": 1}
-    decode_policy, resize_policy = StoreBackedCache(step="decode"), StoreBackedCache(step="resize")
+    key = resize_key(decode_key(ref), 8, 8, 1)
 
     # First run: nothing anywhere, so the key is offered and the result will be cached under it.
-    assert decode_policy.compute_key(ctx, inputs, {}) == decode_key(ref)
-    assert resize_policy.compute_key(ctx, inputs, {}) is None  # not decoded: no key
+    assert INGEST_CACHE.compute_key(ctx, inputs, {}) == key
     decode_case(ref, store)
     resize_case(ref, store, 8)
-    recorded.keys |= {decode_key(ref), resize_key(store.native_key(ref.id), 8, 8, 1)}
-    assert decode_policy.compute_key(ctx, inputs, {}) == decode_key(ref)
-    assert resize_policy.compute_key(ctx, inputs, {}) == resize_key(store.native_key(ref.id), 8, 8, 1)
+    assert store.native_key(ref.id) == decode_key(ref)  # the key is the one the store records
+    recorded.keys.add(key)
+    assert INGEST_CACHE.compute_key(ctx, inputs, {}) == key
 
-    # The output is deleted but its result is recorded: withhold the key so the step runs.
+    # The output is deleted but its result is recorded: withhold the key so the task runs.
     shutil.rmtree(store.path / "cases" / ref.id)
-    assert resize_policy.compute_key(ctx, inputs, {}) is None
-    shutil.rmtree(store.path / "native" / ref.id)
-    assert decode_policy.compute_key(ctx, inputs, {}) is None
+    assert INGEST_CACHE.compute_key(ctx, inputs, {}) is None
+    resize_case(ref, store, 8)
+    assert INGEST_CACHE.compute_key(ctx, inputs, {}) == key
+    shutil.rmtree(store.path / "native" / ref.id)  # the native arrays count too
+    assert INGEST_CACHE.compute_key(ctx, inputs, {}) is None
+
+    # A new grid is a new key, offered while nothing is recorded under it.
+    assert INGEST_CACHE.compute_key(ctx, {**inputs, "resolution": 4}, {}) == resize_key(decode_key(ref), 4, 8, 1)
 
     # The key follows the content of the case file: a changed file is a new input.
-    old_key = decode_key(ref)
     with open(ref.path, "ab") as handle:
         handle.write(b"\0")
-    assert decode_key(ref) != old_key
-    assert decode_policy.compute_key(ctx, inputs, {}) == decode_key(ref)
+    assert INGEST_CACHE.compute_key(ctx, inputs, {}) == resize_key(decode_key(ref), 8, 8, 1) != key
