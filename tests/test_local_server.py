@@ -57,7 +57,7 @@ def test_commands_share_one_background_server(tmp_path):
         # A rerun finds every case in the store: no Dask cluster, the steps are cache hits.
         assert "Creating a new Dask cluster" in first.stderr and "Creating a new Dask cluster" not in again.stderr
         assert "all 2 cases are in the store already" in again.stderr
-        assert again.stderr.count("Finished in state Cached") == 4  # decode and resize of each case
+        assert again.stderr.count("Finished in state Cached") == 2  # the ingest task of each case
         runs = httpx.post(f"{state['api_url']}/flow_runs/filter", json={}).json()
         names = sorted(httpx.get(f"{state['api_url']}/flows/{r['flow_id']}").json()["name"] for r in runs)
         assert names == ["ingest-cases", "preprocess", "preprocess"]  # both commands' runs, in one server
