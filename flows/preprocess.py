@@ -88,7 +88,7 @@ def preprocess(config: str | None = None, overrides: list[str] | None = None) ->
         if _all_ingested(refs, store_path, cfg):
             # A rerun: every case's task is a cache hit. They run in this flow, which neither
             # a Dask cluster nor a subflow run would speed up, only delay by their start-up.
-            logger.info("all %d cases are in the store already: their steps run here, without Dask", len(refs))
+            logger.info("all %d cases are in the store already: their tasks run here, without Dask", len(refs))
             ingest_cases.fn(refs, store_path, cfg)
         else:
             ingest_cases.with_options(task_runner=dask_task_runner(cfg.preprocess.dask))(refs, store_path, cfg)

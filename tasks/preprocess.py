@@ -67,8 +67,7 @@ def ingest_case(ref: dict, store_path: str, resolution: int | None, chunk_slices
     of Completed, so the UI tells it from an ingested one) whose result is its summary. Each
     half skips itself when the store holds its output already (ctdiff.preprocess), so a new
     grid re-reads the native arrays, not the DICOM. One task run per case, not one per step:
-    every task run costs API calls and keeps some memory in its Dask worker
-    (benchmarks/RESULTS.md "Scale on one machine").
+    each task run costs Prefect API calls and events.
     """
     case, store = CaseRef(**ref), CaseStore(store_path)
     summary = preprocess.decode_case(case, store, chunk_slices, level)
